@@ -1,0 +1,215 @@
+"""The run configuration: one typed schema, a YAML file, `key.sub=value` overrides.
+
+Defaults live here, an experiment's values in its YAML file, and the command line
+overrides both. Unknown keys are refused with the closest valid key suggested, and
+the resolved config is written to the run folder so a run can always be repeated.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A user's configuration cannot be used; the message says which key and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("run", description="Run name; the run folder is output_dir/name.")
+    output_dir: Path = Field(Path("runs"), description="Folder that holds run folders.")
+    seed: int = Field(0, description="Seeds weights, shard order and augmentation.")
+    log_every_steps: int = Field(10, ge=1, description="Steps between two log lines.")
+
+
+class AugmentConfig(Section):
+    random_resized_crop: bool = Field(True, description="Random crop and resize (train only).")
+    crop_scale: tuple[float, float] = Field(
+        (0.5, 1.0), description="Area range kept by the random crop, as fractions."
+    )
+    hflip: bool = Field(True, description="Random horizontal flip (train only).")
+    blur_prob: float = Field(0.0, ge=0, le=1, description="Chance of a Gaussian blur.")
+    blur_sigma: tuple[float, float] = Field((0.0, 3.0), description="Blur sigma range, pixels.")
+    jpeg_prob: float = Field(0.0, ge=0, le=1, description="Chance of a JPEG re-encode.")
+    jpeg_quality: tuple[int, int] = Field((30, 100), description="JPEG quality range.")
+
+
+class DataConfig(Section):
+    train: str | None = Field(
+        None, description="Training shards: a shard folder, its manifest.json, or a pattern."
+    )
+    eval: dict[str, str] = Field(
+        default_factory=dict, description="Named evaluation shard sets, name: shards."
+    )
+    image_size: int = Field(224, ge=8, description="Side of the square model input, pixels.")
+    eval_resize_ratio: float = Field(
+        1.0, ge=1.0, description="Eval resizes the short side to image_size*ratio, then crops."
+    )
+    batch_size: int = Field(32, ge=1, description="Samples per process per step.")
+    num_workers: int = Field(2, ge=0, description="Loader worker processes per rank.")
+    shuffle_buffer: int = Field(
+        1000, ge=0, description="Encoded samples held for shuffling, per worker (0: off)."
+    )
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="RGB mean.")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="RGB std.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class ModelConfig(Section):
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = Field(
+        "resnet50", description="torchvision ResNet variant."
+    )
+    num_classes: int = Field(1, ge=1, description="Outputs of the head (logits).")
+    weights: Path | None = Field(
+        None, description="Local file of initial weights (state dict); never downloaded."
+    )
+
+
+LossName = Literal["bce_with_logits", "bce", "cross_entropy"]
+
+
+class LossConfig(Section):
+    name: LossName = Field("bce_with_logits", description="Loss; see docs/heads-and-losses.md.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross_entropy only.")
+    pos_weight: float | None = Field(None, gt=0, description="Weight of positives (BCE losses).")
+    class_weights: list[float] | None = Field(None, description="Per-class weights (CE).")
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adamw"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.05, ge=0, description="Decoupled (AdamW) or L2 (SGD).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    warmup_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of all steps spent warming the LR up linearly."
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a share of lr.")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1, description="Passes over the training shards.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast dtype; bf16 needs a GPU to be fast."
+    )
+    grad_clip_norm: float | None = Field(None, gt=0, description="Clip gradients to this norm.")
+    eval_every_epochs: int = Field(1, ge=1, description="Epochs between evaluations.")
+
+
+class EvalConfig(Section):
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="Positive-class probability threshold (binary)."
+    )
+    batch_size: int | None = Field(None, ge=1, description="Eval batch size (data.batch_size).")
+
+
+class WandbConfig(Section):
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: WANDB_MODE if set, online with an API key, else offline."
+    )
+    project: str = Field("pipeline", description="wandb project.")
+    entity: str | None = Field(None, description="wandb entity (team or user).")
+    group: str | None = Field(None, description="wandb group.")
+    tags: list[str] = Field(default_factory=list, description="wandb tags.")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.output_dir / self.run.name
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply `key.sub=value` overrides, validate; raise ConfigError."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    for override in overrides:
+        _apply_override(raw, override)
+    _check_keys(raw, Config, prefix="")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, path)) from None
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; give the path of a YAML file")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections at the top")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} holds a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(text) if text.strip() else None
+
+
+def _check_keys(raw: Any, schema: type[BaseModel], prefix: str) -> None:
+    if not isinstance(raw, dict):
+        return
+    fields = schema.model_fields
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(dotted, prefix, fields))
+        section = _section_type(fields[key].annotation)
+        if section is not None:
+            _check_keys(value, section, prefix=f"{dotted}.")
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None
+
+
+def _unknown_key_message(dotted: str, prefix: str, fields: dict[str, Any]) -> str:
+    valid = [f"{prefix}{name}" for name in fields]
+    close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+    return f"unknown config key {dotted!r}; {hint}"
+
+
+def _describe(err: ValidationError, path: Any) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        value = item.get("input")
+        lines.append(f"config key {key!r} = {value!r}: {item['msg']}")
+    where = f" in {path}" if path else ""
+    return f"invalid config{where}:\n  " + "\n  ".join(lines)
