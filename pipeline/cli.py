@@ -1,0 +1,44 @@
+"""The `pipeline` command: `pipeline shard | train | eval ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import ConfigError
+from pipeline.log import setup_logging
+
+log = logging.getLogger("pipeline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline import evaluate, train
+    from pipeline.data import writer
+
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    shard = commands.add_parser("shard", help="write images into WebDataset shards")
+    writer.add_shard_arguments(shard)
+    shard.set_defaults(run=writer.run_shard)
+    trainp = commands.add_parser("train", help="train in this process (see launch/ for more)")
+    train.build_parser(trainp)
+    trainp.set_defaults(run=lambda a: train.main([a.config, *a.overrides]))
+    evalp = commands.add_parser("eval", help="evaluate a run's checkpoint on eval sets")
+    evaluate.build_parser(evalp)
+    evalp.set_defaults(run=evaluate.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return int(args.run(args) or 0)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

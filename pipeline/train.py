@@ -1,0 +1,394 @@
+"""Training entry point: `python -m pipeline.train CONFIG [key.sub=value ...]`.
+
+Runs unchanged as one process or under torchrun / accelerate launch / srun.
+Accelerate's `prepare` is the one place where distribution is applied; the data
+loaders are deliberately not prepared: every rank reads its own shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from torch import nn
+
+from pipeline.checkpoint import STATE_FILE, latest_checkpoint, load_model_weights, save_checkpoint
+from pipeline.config import Config, ConfigError, TrainConfig, load_config, save_config
+from pipeline.data.loader import build_eval_loader, build_train_loader
+from pipeline.data.shards import ShardSet, resolve_shards
+from pipeline.evaluate import compute_metrics, gather_predictions, predict, summary_table
+from pipeline.log import (
+    MetricsLogger,
+    format_duration,
+    memory_gib,
+    setup_logging,
+    start_wandb,
+    step_line,
+)
+from pipeline.losses import HeadLoss, build_loss, check_contract
+from pipeline.model import build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Data:
+    train: ShardSet
+    evals: dict[str, ShardSet]
+
+
+@dataclass
+class Trainer:
+    """Everything one training run holds; built by `build_trainer`."""
+
+    config: Config
+    accelerator: Accelerator
+    run_dir: Path
+    model: nn.Module
+    loss_fn: HeadLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: Any
+    eval_loaders: dict[str, Any]
+    data: Data
+    metrics: MetricsLogger
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        setup_logging()
+        log.error("%s", err)
+        return 2
+    train(config)
+    return 0
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="pipeline train")
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="overrides, key.sub=value")
+    return parser
+
+
+def train(config: Config) -> dict[str, dict[str, Any]]:
+    """Train, evaluating and checkpointing every epoch; return the last eval results."""
+    accelerator = build_accelerator(config.train)
+    setup_logging(accelerator.process_index)
+    trainer = build_trainer(config, accelerator)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for epoch in range(trainer.state["epoch"] + 1, config.train.epochs + 1):
+            train_epoch(trainer, epoch)
+            if epoch % config.train.eval_every_epochs == 0 or epoch == config.train.epochs:
+                results = evaluate_sets(trainer)
+            trainer.state["epoch"] = epoch
+            save_checkpoint(accelerator, trainer.run_dir, trainer.state)
+        check_replicas_identical(trainer)
+    finally:
+        trainer.metrics.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    """Accelerate on GPUs when present, else gloo on the CPU; refuse a lonely rank."""
+    cpu = not torch.cuda.is_available()
+    if cpu and config.mixed_precision == "fp16":
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a GPU; on the CPU use train.mixed_precision=no"
+        )
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=config.mixed_precision,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))],
+    )
+    check_world_size(accelerator.num_processes)
+    return accelerator
+
+
+def check_world_size(num_processes: int) -> None:
+    # A CUDA build of torch on a machine without GPUs makes every rank believe it
+    # is rank 0 of 1 and train alone, silently; the launcher's WORLD_SIZE tells.
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if num_processes != expected:
+        raise RuntimeError(
+            f"the launcher started WORLD_SIZE={expected} processes but Accelerate sees "
+            f"{num_processes}; the ranks did not join one process group. On a machine "
+            "without GPUs set ACCELERATE_USE_CPU=1, or launch with torchrun"
+        )
+
+
+def build_trainer(config: Config, accelerator: Accelerator) -> Trainer:
+    data = build_data(config)
+    run_dir = prepare_run_dir(config, accelerator)
+    set_seed(config.run.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    log.info("world size %d, device %s, run folder %s", world, accelerator.device, run_dir)
+
+    model = build_model(config.model)
+    loss_fn = build_loss(config.loss, config.model.num_classes).to(accelerator.device)
+    train_loader = build_train_loader(
+        config.data, data.train, rank=rank, world_size=world, seed=config.run.seed
+    )
+    eval_loaders = {
+        name: build_eval_loader(config.data, shards, rank=rank, world_size=world,
+                                batch_size=config.eval.batch_size)
+        for name, shards in data.evals.items()
+    }
+    total_steps = config.train.epochs * train_loader.steps_per_epoch
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, total_steps)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    state = resume_if_possible(accelerator, run_dir)
+    metrics = build_metrics_logger(config, accelerator, run_dir, state)
+    return Trainer(config, accelerator, run_dir, model, loss_fn, optimizer, scheduler,
+                   train_loader, eval_loaders, data, metrics, state)
+
+
+def build_data(config: Config) -> Data:
+    """Resolve every shard set and check the head/loss contract before any heavy work."""
+    if not config.data.train:
+        raise ConfigError("data.train is not set; give the training shard folder")
+    train_set = resolve_shards(config.data.train, key="data.train")
+    evals = {
+        name: resolve_shards(spec, key=f"data.eval.{name}")
+        for name, spec in config.data.eval.items()
+    }
+    check_contract(config, train_set.num_classes, train_set.label_format)
+    for name, shards in evals.items():
+        if shards.class_names != train_set.class_names:
+            raise ConfigError(
+                f"data.eval.{name} has classes {shards.class_names} but data.train has "
+                f"{train_set.class_names}; eval sets must use the training classes"
+            )
+    return Data(train=train_set, evals=evals)
+
+
+def prepare_run_dir(config: Config, accelerator: Accelerator) -> Path:
+    run_dir = config.run_dir.resolve()
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm layers: decaying them only hurts.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.optim.lr, momentum=config.optim.momentum)
+    return torch.optim.AdamW(groups, lr=config.optim.lr)
+
+
+def build_scheduler(config: Config, optimizer, total_steps: int):
+    """Linear warmup then cosine decay, sized from the exact number of optimizer steps."""
+    warmup = int(config.optim.warmup_fraction * total_steps)
+    floor = config.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resume_if_possible(accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
+    """Continue from the run folder's latest checkpoint at its epoch boundary."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return {"epoch": 0, "global_step": 0, "wandb_run_id": None}
+    accelerator.load_state(str(checkpoint))
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    log.info("resumed from %s (epoch %d, step %d)", checkpoint, state["epoch"],
+             state["global_step"])
+    return state
+
+
+def build_metrics_logger(config, accelerator, run_dir, state) -> MetricsLogger:
+    if not accelerator.is_main_process:
+        return MetricsLogger(None)
+    state["wandb_run_id"] = state.get("wandb_run_id") or uuid.uuid4().hex[:8]
+    run = start_wandb(config, run_dir, state["wandb_run_id"])
+    return MetricsLogger(run_dir / "metrics.jsonl", run)
+
+
+def train_epoch(trainer: Trainer, epoch: int) -> None:
+    """One epoch of exactly `steps_per_epoch` steps on every rank."""
+    cfg, acc = trainer.config, trainer.accelerator
+    loader = trainer.train_loader
+    loader.set_epoch(epoch)
+    trainer.model.train()
+    window = Window()
+    for step, batch in enumerate(islice(loader, loader.steps_per_epoch), start=1):
+        window.data_ready()
+        loss = train_step(trainer, batch)
+        trainer.state["global_step"] += 1
+        window.step_done(loss, len(batch["label"]))
+        if step % cfg.run.log_every_steps == 0 or step == loader.steps_per_epoch:
+            log_progress(trainer, window, epoch, step)
+            window = Window()
+    acc.wait_for_everyone()
+
+
+def train_step(trainer: Trainer, batch: dict[str, Any]) -> torch.Tensor:
+    device = trainer.accelerator.device
+    images = batch["image"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+
+    logits = trainer.model(images)
+    loss = trainer.loss_fn(logits, labels)
+    trainer.accelerator.backward(loss)
+
+    if trainer.config.train.grad_clip_norm:
+        trainer.accelerator.clip_grad_norm_(
+            trainer.model.parameters(), trainer.config.train.grad_clip_norm
+        )
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+class Window:
+    """Timings and loss over the steps between two log lines."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.data_s = 0.0
+        self.steps = 0
+        self.samples = 0
+        self.loss_sum: torch.Tensor | float = 0.0
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.data_s += now - self.mark
+        self.mark = now
+
+    def step_done(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum = self.loss_sum + loss
+        self.steps += 1
+        self.samples += samples
+        self.mark = time.perf_counter()
+
+
+def log_progress(trainer: Trainer, window: Window, epoch: int, step: int) -> None:
+    """Reduce the window's loss over ranks and log/record one step line."""
+    acc, cfg = trainer.accelerator, trainer.config
+    loss = acc.reduce(torch.as_tensor(window.loss_sum, device=acc.device) / window.steps, "mean")
+    elapsed = max(1e-9, time.perf_counter() - window.start)
+    steps = trainer.train_loader.steps_per_epoch
+    left = (cfg.train.epochs - epoch) * steps + steps - step
+    values = {
+        "epoch": epoch, "epochs": cfg.train.epochs, "step": step, "steps": steps,
+        "loss": loss.item(), "lr": trainer.scheduler.get_last_lr()[0],
+        "images_per_s": window.samples * acc.num_processes / elapsed,
+        "data_wait_pct": 100 * window.data_s / elapsed, "memory_gib": memory_gib(),
+        "eta": format_duration(left * elapsed / window.steps),
+    }
+    log.info("%s", step_line(values))
+    trainer.metrics.log(
+        {"train/loss": values["loss"], "train/lr": values["lr"], "train/epoch": epoch,
+         "perf/images_per_s": values["images_per_s"],
+         "perf/data_wait_pct": values["data_wait_pct"],
+         "perf/step_s": elapsed / window.steps, "perf/memory_gib": values["memory_gib"]},
+        step=trainer.state["global_step"],
+    )
+
+
+def evaluate_sets(trainer: Trainer) -> dict[str, dict[str, Any]]:
+    """Score every eval set exactly once over all ranks; log and record the metrics."""
+    results = run_evaluation(trainer.accelerator, trainer.model, trainer.config,
+                             trainer.eval_loaders, trainer.data.evals)
+    if results and trainer.accelerator.is_main_process:
+        log.info("evaluation after epoch %d:\n%s", trainer.state["epoch"] + 1,
+                 summary_table(results))
+        flat = {f"eval/{name}/{k}": v for name, m in results.items()
+                for k, v in m.items() if isinstance(v, (int, float))}
+        trainer.metrics.log(flat, step=trainer.state["global_step"])
+        (trainer.run_dir / "eval_results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def run_evaluation(accelerator, model, config, loaders, shard_sets) -> dict[str, dict]:
+    bare = accelerator.unwrap_model(model)
+    results = {}
+    for name, loader in loaders.items():
+        local = predict(bare, loader, config.loss.name, accelerator.device)
+        shards = shard_sets[name]
+        preds = gather_predictions(local, shards.num_samples, name)
+        results[name] = compute_metrics(preds, config.loss.name, shards.class_names,
+                                        config.eval.threshold)
+    return results
+
+
+def check_replicas_identical(trainer: Trainer) -> None:
+    """Every rank must end with the same weights; a difference means a broken group."""
+    acc = trainer.accelerator
+    bare = acc.unwrap_model(trainer.model)
+    checksum = torch.stack([p.detach().double().sum() for p in bare.parameters()]).sum()
+    sums = acc.gather(checksum.to(acc.device).reshape(1)).cpu()
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=0):
+        raise RuntimeError(f"ranks ended with different parameters: checksums {sums.tolist()}")
+    log.info("parameters identical on all %d ranks (checksum %.6f)", len(sums), sums[0].item())
+
+
+def evaluate_run(run_dir: Path, checkpoint: str | None, sets: dict[str, str] | None,
+                 overrides: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """`pipeline eval`: load a run's config and checkpoint, evaluate the given sets."""
+    config = load_config(run_dir / "config.yaml", list(overrides))
+    accelerator = build_accelerator(config.train)
+    setup_logging(accelerator.process_index)
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if ckpt is None or not ckpt.is_dir():
+        raise ConfigError(f"no checkpoint in {run_dir}; pass --checkpoint or train first")
+    specs = sets or config.data.eval
+    if not specs:
+        raise ConfigError("no eval set: set data.eval in the config or pass --set NAME=SHARDS")
+    shard_sets = {n: resolve_shards(s, key=f"data.eval.{n}") for n, s in specs.items()}
+    model = build_model(config.model.model_copy(update={"weights": None}))
+    load_model_weights(model, ckpt)
+    model.to(accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loaders = {n: build_eval_loader(config.data, s, rank=rank, world_size=world,
+                                    batch_size=config.eval.batch_size)
+               for n, s in shard_sets.items()}
+    results = run_evaluation(accelerator, model, config, loaders, shard_sets)
+    if accelerator.is_main_process:
+        out = run_dir / f"eval-{ckpt.name}.json"
+        out.write_text(json.dumps(results, indent=1))
+        log.info("checkpoint %s; results written to %s", ckpt, out)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
