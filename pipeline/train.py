@@ -72,12 +72,13 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        train(load_config(args.config, args.overrides))
     except ConfigError as err:
-        setup_logging()
-        log.error("%s", err)
+        # Every rank finds the same mistake; one message is enough.
+        if int(os.environ.get("RANK", "0")) == 0:
+            setup_logging()
+            log.error("%s", err)
         return 2
-    train(config)
     return 0
 
 

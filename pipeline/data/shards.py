@@ -53,11 +53,23 @@ class ShardSet:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
+    """Read and check a shard manifest; raise ConfigError naming the file."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"cannot read the shard manifest {str(path)!r} ({err}); "
+            "rewrite the shard set with `pipeline shard`"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ConfigError(
             f"{path} is not a shard manifest of format {MANIFEST_FORMAT!r}; "
             "write the shards with `pipeline shard`"
+        )
+    missing = [k for k in ("class_names", "shards") if not manifest.get(k)]
+    if missing:
+        raise ConfigError(
+            f"shard manifest {str(path)!r} lacks {missing}; rewrite the set with `pipeline shard`"
         )
     return manifest
 
@@ -75,21 +87,19 @@ def resolve_shards(spec: str, key: str = "data.train") -> ShardSet:
         return _load_set(path, None, key, spec)
     if path.name == MANIFEST_NAME:
         return _load_set(path.parent, None, key, spec)
-    if path.suffix == ".tar" or any(ch in spec for ch in "*?[{"):
+    if path.suffix == ".tar" or any(ch in path.name for ch in "*?[{"):
         return _load_set(path.parent, path.name, key, spec)
+    problem = "is not a shard set" if path.exists() else "does not exist"
     raise ConfigError(
-        f"{key}={spec!r} does not exist; give a shard folder, its {MANIFEST_NAME}, "
-        "or a pattern such as 'shards/train-*.tar'"
+        f"{key}={spec!r} {problem}; give a shard folder, its {MANIFEST_NAME}, "
+        "or a pattern such as 'shards/train-*.tar' (wildcards in the file name only)"
     )
 
 
 def _load_set(root: Path, pattern: str | None, key: str, spec: str) -> ShardSet:
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
-        raise ConfigError(
-            f"{key}={spec!r}: no {MANIFEST_NAME} in {str(root)!r}, so this is not a finished "
-            "shard set; (re)write it with `pipeline shard`"
-        )
+        raise ConfigError(_no_manifest_message(root, key, spec))
     manifest = read_manifest(manifest_path)
     entries = manifest["shards"]
     if pattern is not None:
@@ -102,6 +112,22 @@ def _load_set(root: Path, pattern: str | None, key: str, spec: str) -> ShardSet:
     shards = tuple(Shard(str(root / e["file"]), int(e["num_samples"])) for e in entries)
     _check_files_exist(shards, key, spec)
     return ShardSet(root=root, manifest=manifest, shards=shards)
+
+
+def _no_manifest_message(root: Path, key: str, spec: str) -> str:
+    if not root.is_dir():
+        return f"{key}={spec!r}: the folder {str(root)!r} does not exist; check the path"
+    parts = [p.name for p in sorted(root.iterdir()) if (p / MANIFEST_NAME).is_file()]
+    if parts:
+        # `pipeline shard --val-fraction` writes <out>/train and <out>/val.
+        return (
+            f"{key}={spec!r} holds the shard sets {parts}, not one set; "
+            f"give one of them, e.g. {str(root / parts[0])!r}"
+        )
+    return (
+        f"{key}={spec!r}: no {MANIFEST_NAME} in {str(root)!r}, so this is not a finished "
+        "shard set; (re)write it with `pipeline shard`"
+    )
 
 
 def _matches(name: str, pattern: str) -> bool:

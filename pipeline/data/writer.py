@@ -7,16 +7,23 @@ names never reach the tar member names; the original name is kept as metadata.
 
 The set is written into `<out>.partial/` and renamed to `<out>/` only when every
 shard and the manifest are complete, so a crash never leaves a set that looks
-finished.
+finished. Tar members carry a fixed mtime, so the same input, seed and limits
+give byte-identical shards.
+
+`add_shard_arguments` and `run_shard` are the `pipeline shard` command.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import json
+import logging
 import re
 import shutil
-from collections.abc import Iterable
+import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,31 +33,32 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError
 from pipeline.data.shards import MANIFEST_FORMAT, MANIFEST_NAME
+from pipeline.data.sources import (
+    SOURCE_KINDS,
+    ShardSample,
+    open_source,
+    shuffled,
+    stratified_split,
+)
 
-IMAGE_EXTENSIONS = ("jpg", "png", "webp", "bmp", "tif", "gif")
+__all__ = ["ShardSample", "add_shard_arguments", "run_shard", "write_shard_set"]
 
+log = logging.getLogger(__name__)
 
-@dataclass
-class ShardSample:
-    """One encoded image with its class index and free-form metadata."""
-
-    image: bytes
-    image_ext: str
-    label: int
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _OpenShard:
-    path: Path
-    writer: wds.TarWriter
-    num_samples: int = 0
-    num_bytes: int = 0
+# The image members the loader decodes (pipeline/data/decode.py).
+IMAGE_EXTENSIONS = ("jpg", "png", "webp", "bmp")
+DEFAULT_MAXCOUNT = 10_000
+DEFAULT_MAXSIZE = 1_000_000_000
+MAX_NAME_CHARS = 64  # keeps `<name>-<8 digits>.<ext>` within the 100 characters of a ustar name
+TAR_MTIME = 946684800  # 2000-01-01, fixed so that shards are reproducible
+_BLOCK = tarfile.BLOCKSIZE
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(?:([kmgt])(i?)b?|b?)\s*$", re.IGNORECASE)
 
 
 def safe_name(name: str) -> str:
     """A name usable in shard file names and sample keys: letters, digits, '_' and '-'."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "shards"
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:MAX_NAME_CHARS]
+    return cleaned or "shards"
 
 
 def write_shard_set(
@@ -58,62 +66,220 @@ def write_shard_set(
     out_dir: Path,
     name: str,
     class_names: list[str],
-    maxcount: int = 10_000,
-    maxsize: int = 1 << 30,
+    maxcount: int = DEFAULT_MAXCOUNT,
+    maxsize: int = DEFAULT_MAXSIZE,
     total: int | None = None,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `samples` as a shard set in `out_dir`; return the manifest."""
-    out_dir = Path(out_dir)
-    _check_limits(maxcount, maxsize)
-    _prepare_output(out_dir, overwrite)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    """Write `samples` as a shard set in `out_dir`; return the manifest.
 
-    name = safe_name(name)
-    entries, counts = _write_tars(samples, partial, name, class_names, maxcount, maxsize, total)
-    manifest = _manifest(name, class_names, entries, counts, extra or {})
-    (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
+    A shard holds at most `maxcount` samples and `maxsize` bytes (a sample
+    bigger than `maxsize` gets a shard of its own). Raises ConfigError.
+    """
+    out_dir = Path(out_dir).resolve()  # `--out .` has no name to put `.partial` after
+    check_limits(maxcount, maxsize)
+    check_output(out_dir, overwrite)
+    partial = _fresh_partial(out_dir)
+    with _removed_on_error(partial):
+        manifest = _write_into(partial, samples, name, class_names, (maxcount, maxsize), total)
+        manifest.update(extra or {})
+        (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    _publish(partial, out_dir)
     return manifest
 
 
-def _check_limits(maxcount: int, maxsize: int) -> None:
+def check_limits(maxcount: int, maxsize: int) -> None:
     if maxcount < 1:
         raise ConfigError(f"maxcount={maxcount} must be at least 1 sample per shard")
-    if maxsize < 1024:
-        raise ConfigError(f"maxsize={maxsize} bytes is too small for a shard; use >= 1024")
-
-
-def _prepare_output(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    if maxsize < tarfile.RECORDSIZE:
         raise ConfigError(
-            f"output folder {str(out_dir)!r} is not empty; choose another, or pass --overwrite"
+            f"maxsize={maxsize} bytes is below the {tarfile.RECORDSIZE} bytes that even "
+            "an empty tar file takes; use a larger --maxsize"
         )
 
 
-def _write_tars(samples, folder, name, class_names, maxcount, maxsize, total):
-    entries: list[dict[str, Any]] = []
-    counts = [0] * len(class_names)
+# ---- the output folder: refuse to clobber anything but a shard set
+
+
+def check_output(out_dir: Path, overwrite: bool) -> None:
+    """Raise ConfigError unless `out_dir` is absent, empty, or a shard set to overwrite."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output {str(out_dir)!r} is a file; give a folder for the shards")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"output folder {str(out_dir)!r} is not empty; choose another, or pass --overwrite"
+        )
+    if not (_holds_only_shard_files(out_dir, depth=1) and _holds_manifest(out_dir)):
+        raise ConfigError(
+            f"--overwrite only replaces a shard set written by `pipeline shard`, and "
+            f"{str(out_dir)!r} holds other files; empty it yourself or choose another folder"
+        )
+
+
+def _holds_only_shard_files(folder: Path, depth: int) -> bool:
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            if depth == 0 or not _holds_only_shard_files(entry, depth - 1):
+                return False
+        elif entry.name != MANIFEST_NAME and entry.suffix != ".tar":
+            return False
+    return True
+
+
+def _holds_manifest(folder: Path) -> bool:
+    candidates = [folder, folder / "train", folder / "val"]
+    return any(_is_manifest(d / MANIFEST_NAME) for d in candidates)
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _fresh_partial(out_dir: Path) -> Path:
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if partial.exists():
+        # Left by an interrupted run; removed only if it holds nothing but shard files.
+        if not _holds_only_shard_files(partial, depth=2):
+            raise ConfigError(
+                f"{str(partial)!r} exists and holds more than shard files; remove it yourself"
+            )
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+@contextlib.contextmanager
+def _removed_on_error(folder: Path) -> Iterator[None]:
+    """Delete the unfinished folder if the block raises, then re-raise."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _publish(partial: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        partial.rename(out_dir)
+        return
+    # The folder itself stays (it may be the working directory or a mount point);
+    # its contents are swapped, the manifest last, so it never looks finished early.
+    for entry in out_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    for entry in sorted(partial.iterdir(), key=lambda p: p.name == MANIFEST_NAME):
+        entry.rename(out_dir / entry.name)
+    partial.rmdir()
+
+
+# ---- tar writing
+
+
+@dataclass
+class _OpenShard:
+    path: Path
+    writer: wds.TarWriter
+    num_samples: int = 0
+    content_bytes: int = 0
+
+
+@dataclass
+class _SetWriter:
+    folder: Path
+    name: str
+    class_names: list[str]
+    maxcount: int
+    maxsize: int
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    class_counts: list[int] = field(default_factory=list)
+    formats: set[str] = field(default_factory=set)
     shard: _OpenShard | None = None
-    for index, sample in enumerate(tqdm(samples, total=total, desc=f"shard {name}", unit="img")):
-        _check_label(sample, class_names)
-        if shard is None or shard.num_samples >= maxcount or shard.num_bytes >= maxsize:
-            if shard is not None:
-                entries.append(_close(shard))
-            shard = _open(folder, name, len(entries))
-        _write_one(shard, f"{name}-{index:08d}", sample)
-        counts[sample.label] += 1
-    if shard is not None:
-        entries.append(_close(shard))
-    if not entries:
-        raise ConfigError(f"no samples to write for {name!r}; is the input empty?")
-    return entries, counts
+
+    def add(self, key: str, sample: ShardSample) -> None:
+        _check_label(sample, self.class_names)
+        ext = _normalise_ext(sample.image_ext)
+        if ext not in IMAGE_EXTENSIONS:
+            raise ConfigError(
+                f"image type {ext!r} of {sample.meta.get('source', key)!r} cannot be decoded "
+                f"by the loader; convert it to one of {IMAGE_EXTENSIONS}"
+            )
+        record = {
+            "__key__": key,
+            ext: sample.image,
+            "cls": str(sample.label).encode(),
+            "json": json.dumps(sample.meta, sort_keys=True).encode(),
+        }
+        record_bytes = sum(_member_bytes(len(v)) for k, v in record.items() if k != "__key__")
+        if self._needs_new_shard(record_bytes):
+            self._close_shard()
+            self.shard = _open(self.folder, self.name, len(self.entries))
+        self.shard.writer.write(record)
+        self.shard.num_samples += 1
+        self.shard.content_bytes += record_bytes
+        self.class_counts[sample.label] += 1
+        self.formats.add(ext)
+
+    def _needs_new_shard(self, record_bytes: int) -> bool:
+        if self.shard is None or self.shard.num_samples >= self.maxcount:
+            return True
+        size_after = _tar_file_bytes(self.shard.content_bytes + record_bytes)
+        return size_after > self.maxsize
+
+    def _close_shard(self) -> None:
+        if self.shard is not None:
+            self.entries.append(_close(self.shard))
+            self.shard = None
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._close_shard()
+        if not self.entries:
+            raise ConfigError(f"no samples to write for {self.name!r}; is the input empty?")
+        return self.entries
+
+
+def _write_into(folder, samples, name, class_names, limits, total) -> dict[str, Any]:
+    name = safe_name(name)
+    writer = _SetWriter(folder, name, list(class_names), *limits)
+    writer.class_counts = [0] * len(class_names)
+    progress = tqdm(samples, total=total, desc=f"shard {name}", unit="img")
+    for index, sample in enumerate(progress):
+        writer.add(f"{name}-{index:08d}", sample)
+    entries = writer.finish()
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": name,
+        "num_samples": sum(e["num_samples"] for e in entries),
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "class_counts": writer.class_counts,
+        "label_format": "index",
+        "image_format": ",".join(sorted(writer.formats)),
+        "shards": entries,
+    }
+
+
+def _normalise_ext(ext: str) -> str:
+    ext = ext.lower().lstrip(".")
+    return "jpg" if ext == "jpeg" else ext
+
+
+def _member_bytes(size: int) -> int:
+    """Bytes a tar member takes: a header block plus the data padded to whole blocks."""
+    return _BLOCK + -(-size // _BLOCK) * _BLOCK
+
+
+def _tar_file_bytes(content_bytes: int) -> int:
+    # tarfile ends an archive with two zero blocks and pads it to a whole record.
+    record = tarfile.RECORDSIZE
+    return -(-(content_bytes + 2 * _BLOCK) // record) * record
 
 
 def _check_label(sample: ShardSample, class_names: list[str]) -> None:
@@ -127,16 +293,8 @@ def _check_label(sample: ShardSample, class_names: list[str]) -> None:
 
 def _open(folder: Path, name: str, number: int) -> _OpenShard:
     path = folder / f"{name}-{number:06d}.tar"
-    return _OpenShard(path=path, writer=wds.TarWriter(str(path), encoder=False))
-
-
-def _write_one(shard: _OpenShard, key: str, sample: ShardSample) -> None:
-    ext = "jpg" if sample.image_ext.lower() in ("jpeg", "jpg") else sample.image_ext.lower()
-    meta = json.dumps(sample.meta, sort_keys=True).encode()
-    record = {"__key__": key, ext: sample.image, "cls": str(sample.label).encode(), "json": meta}
-    shard.writer.write(record)
-    shard.num_samples += 1
-    shard.num_bytes += len(sample.image) + len(meta) + 3 * 512
+    writer = wds.TarWriter(str(path), encoder=False, mtime=TAR_MTIME)
+    return _OpenShard(path=path, writer=writer)
 
 
 def _close(shard: _OpenShard) -> dict[str, Any]:
@@ -157,15 +315,153 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _manifest(name, class_names, entries, counts, extra) -> dict[str, Any]:
-    return {
-        "format": MANIFEST_FORMAT,
-        "name": name,
-        "num_samples": sum(e["num_samples"] for e in entries),
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "class_counts": counts,
-        "label_format": "index",
-        "shards": entries,
-        **extra,
-    }
+# ---- the `pipeline shard` command
+
+
+def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="image folder, CNNDetection folder, .csv/.jsonl list, or embedded:faces|digits",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="folder for the shard set")
+    parser.add_argument("--name", help="shard and key prefix (default: from SOURCE)")
+    parser.add_argument("--kind", default="auto", choices=("auto", *SOURCE_KINDS))
+    parser.add_argument(
+        "--maxcount", type=_positive_int, default=DEFAULT_MAXCOUNT, help="samples per shard"
+    )
+    parser.add_argument(
+        "--maxsize",
+        type=_size_arg,
+        default=DEFAULT_MAXSIZE,
+        help="bytes per shard; 500MB and 1GB are powers of 1000, 1GiB of 1024 (default 1GB)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=_fraction_arg,
+        default=None,
+        help="write <out>/train and <out>/val, this share of each class in val",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sample order and split")
+    parser.add_argument(
+        "--image-format",
+        choices=("png", "jpg"),
+        default=None,
+        help="encoding of embedded arrays (default png); files keep their own bytes",
+    )
+    parser.add_argument(
+        "--class-names",
+        type=_name_list,
+        default=None,
+        help="comma-separated class names in label order (folder and list inputs)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a shard set already in --out"
+    )
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    """Write the shard set(s) `args` describe; return 0. Raises ConfigError on bad input."""
+    out = Path(args.out).resolve()
+    limits = {"maxcount": args.maxcount, "maxsize": parse_size(args.maxsize)}
+    check_limits(**limits)
+    source = open_source(args.source, args.kind, args.image_format, args.class_names)
+    check_output(out, args.overwrite)
+    name = args.name or source.default_name
+    extra = {"source": {"kind": source.kind, "path": source.location}, "seed": args.seed}
+
+    if args.val_fraction is None:
+        order = shuffled(len(source), args.seed)
+        manifest = write_shard_set(
+            source.samples(order),
+            out,
+            name,
+            source.class_names,
+            total=len(order),
+            overwrite=args.overwrite,
+            extra=extra,
+            **limits,
+        )
+        _log_summary(manifest, out)
+        return 0
+
+    train, val = stratified_split(source.labels, args.val_fraction, args.seed)
+    extra["val_fraction"] = args.val_fraction
+    # Both parts go into one partial folder, so train never appears without val.
+    partial = _fresh_partial(out)
+    with _removed_on_error(partial):
+        for part, order in (("train", train), ("val", val)):
+            manifest = write_shard_set(
+                source.samples(order),
+                partial / part,
+                f"{name}-{part}",
+                source.class_names,
+                total=len(order),
+                extra={**extra, "split": part},
+                **limits,
+            )
+            _log_summary(manifest, out / part)
+    _publish(partial, out)
+    return 0
+
+
+def _log_summary(manifest: dict[str, Any], folder: Path) -> None:
+    counts = ", ".join(
+        f"{name}={count}" for name, count in zip(manifest["class_names"], manifest["class_counts"])
+    )
+    log.info(
+        "wrote %d samples in %d shard(s) to %s; classes: %s; manifest: %s",
+        manifest["num_samples"],
+        len(manifest["shards"]),
+        folder,
+        counts,
+        folder / MANIFEST_NAME,
+    )
+    for name, count in zip(manifest["class_names"], manifest["class_counts"]):
+        if count == 0:
+            log.warning("class %r has no samples in %s", name, folder)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from `123`, `500MB`, `1.5G` (powers of 1000) or `64KiB`, `1GiB` (of 1024)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"size {text!r} is not a number of bytes such as 500MB or 1GiB")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    power = "kmgt".index(unit.lower()) + 1 if unit else 0
+    return int(float(number) * base**power)
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _fraction_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction between 0 and 1")
+    return value
+
+
+def _name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be distinct, non-empty class names separated by commas"
+        )
+    return names
