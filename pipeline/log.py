@@ -26,10 +26,12 @@ def setup_logging(rank: int = 0, all_ranks: bool = False) -> None:
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S")
     )
+    handler._pipeline = True  # replaced on the next call; other handlers are left alone
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "_pipeline", False)]
+    root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("wandb", "urllib3", "PIL", "filelock"):
+    for noisy in ("accelerate", "wandb", "urllib3", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

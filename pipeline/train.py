@@ -91,9 +91,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def train(config: Config) -> dict[str, dict[str, Any]]:
     """Train, evaluating and checkpointing every epoch; return the last eval results."""
+    setup_logging(int(os.environ.get("RANK", "0")))
+    data = build_data(config)
     accelerator = build_accelerator(config.train)
-    setup_logging(accelerator.process_index)
-    trainer = build_trainer(config, accelerator)
+    trainer = build_trainer(config, accelerator, data)
     results: dict[str, dict[str, Any]] = {}
     try:
         for epoch in range(trainer.state["epoch"] + 1, config.train.epochs + 1):
@@ -139,8 +140,7 @@ def check_world_size(num_processes: int) -> None:
         )
 
 
-def build_trainer(config: Config, accelerator: Accelerator) -> Trainer:
-    data = build_data(config)
+def build_trainer(config: Config, accelerator: Accelerator, data: Data) -> Trainer:
     run_dir = prepare_run_dir(config, accelerator)
     set_seed(config.run.seed)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.data.shards import resolve_shards
+from pipeline.data.shards import MANIFEST_FORMAT, MANIFEST_NAME, resolve_shards
 from pipeline.data.sources import ShardSample
 from pipeline.data.writer import write_shard_set
 
@@ -120,3 +120,15 @@ def test_manifest_records_what_the_loader_needs(shard_dir):
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     assert manifest["class_counts"] == [5, 5, 4]  # labels i % 3 for i in 0..13
     assert manifest["num_samples"] == sum(s["num_samples"] for s in manifest["shards"])
+
+
+@pytest.mark.parametrize("name", ["pipe:touch owned.tar", "../outside.tar", "sub/dir.tar"])
+def test_manifest_shard_names_must_be_plain_files(tmp_path, name):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    manifest = {"format": MANIFEST_FORMAT, "class_names": ["a", "b"],
+                "shards": [{"file": name, "num_samples": 1}]}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="not a plain .tar file name"):
+        resolve_shards(str(folder))
+    assert not (tmp_path / "owned.tar").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,20 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"shard manifest {str(path)!r} lacks {missing}; rewrite the set with `pipeline shard`"
         )
+    _check_shard_names(manifest, path)
     return manifest
+
+
+def _check_shard_names(manifest: dict[str, Any], path: Path) -> None:
+    # A listed name such as 'pipe:cmd' or '../x' would make the reader run a
+    # command or leave the set's folder: shard names are plain file names.
+    for entry in manifest["shards"]:
+        name = str(entry.get("file", ""))
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar", name) or ".." in name:
+            raise ConfigError(
+                f"shard manifest {str(path)!r} lists {name!r}, which is not a plain .tar file "
+                "name in the set's folder; rewrite the set with `pipeline shard`"
+            )
 
 
 def resolve_shards(spec: str, key: str = "data.train") -> ShardSet:
