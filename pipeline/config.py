@@ -61,6 +61,22 @@ class DataConfig(Section):
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="RGB mean.")
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="RGB std.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    on_bad_sample: Literal["skip", "strict"] = Field(
+        "skip", description="Bad sample or unreadable shard: skip (count, log) or strict (stop)."
+    )
+    max_bad_fraction: float = Field(
+        0.01, ge=0, lt=1, description="skip: stop when bad reads exceed this share of a rank's."
+    )
+    resampled: bool = Field(
+        False, description="Draw training shards with replacement (approximate epochs)."
+    )
+    draft_decode: bool = Field(
+        True, description="Decode large JPEGs at a reduced size still covering the crop."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Cache for remote (http(s)/s3/gs) shards, written atomically."
+    )
+    fetch_timeout_s: float = Field(60.0, gt=0, description="Timeout of one remote request.")
 
 
 class ModelConfig(Section):
@@ -71,6 +87,9 @@ class ModelConfig(Section):
     weights: Path | None = Field(
         None, description="Local file of initial weights (state dict); never downloaded."
     )
+    init_bias_from_prior: bool = Field(
+        False, description="Start the head's bias at the class prior (log-odds), for imbalance."
+    )
 
 
 LossName = Literal["bce_with_logits", "bce", "cross_entropy"]
@@ -79,7 +98,11 @@ LossName = Literal["bce_with_logits", "bce", "cross_entropy"]
 class LossConfig(Section):
     name: LossName = Field("bce_with_logits", description="Loss; see docs/heads-and-losses.md.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross_entropy only.")
-    pos_weight: float | None = Field(None, gt=0, description="Weight of positives (BCE losses).")
+    pos_weight: float | list[float] | Literal["auto"] | None = Field(
+        None,
+        description="BCE losses: weight of positives; a number (one logit), a list of K "
+        "(multi-label), or auto (negatives / positives from the shard manifest).",
+    )
     class_weights: list[float] | None = Field(None, description="Per-class weights (CE).")
 
 
@@ -108,6 +131,14 @@ class EvalConfig(Section):
         0.5, gt=0, lt=1, description="Positive-class probability threshold (binary)."
     )
     batch_size: int | None = Field(None, ge=1, description="Eval batch size (data.batch_size).")
+    calibrate: Literal["none", "balanced_accuracy", "target_fpr"] = Field(
+        "balanced_accuracy",
+        description="Binary: how to choose a second threshold on calibration_set.",
+    )
+    target_fpr: float = Field(0.05, gt=0, lt=1, description="False-positive rate for target_fpr.")
+    calibration_set: str | None = Field(
+        None, description="Eval set that chooses the threshold (default: the first one)."
+    )
 
 
 class WandbConfig(Section):

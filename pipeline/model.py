@@ -27,6 +27,13 @@ def build_model(config: ModelConfig) -> nn.Module:
     return model
 
 
+def init_head_bias(model: nn.Module, bias_K: torch.Tensor) -> None:
+    """Set the final layer's bias, e.g. to the class prior's log-odds."""
+    with torch.no_grad():
+        model.fc.bias.copy_(bias_K.to(model.fc.bias.dtype))
+    log.info("head bias initialised from the class prior: %s", bias_K.tolist())
+
+
 def load_initial_weights(model: nn.Module, path: Path) -> None:
     """Load a state dict from `path`; a head of another shape is left freshly initialised.
 

@@ -30,7 +30,14 @@ from pipeline.checkpoint import STATE_FILE, latest_checkpoint, load_model_weight
 from pipeline.config import Config, ConfigError, TrainConfig, load_config, save_config
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.data.shards import ShardSet, resolve_shards
-from pipeline.evaluate import compute_metrics, gather_predictions, predict, summary_table
+from pipeline.evaluate import (
+    calibrate_threshold,
+    compute_metrics,
+    gather_predictions,
+    predict,
+    summary_table,
+    write_results,
+)
 from pipeline.log import (
     MetricsLogger,
     format_duration,
@@ -39,8 +46,8 @@ from pipeline.log import (
     start_wandb,
     step_line,
 )
-from pipeline.losses import HeadLoss, build_loss, check_contract
-from pipeline.model import build_model
+from pipeline.losses import HeadLoss, build_loss, check_contract, prior_logits
+from pipeline.model import build_model, init_head_bias
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +154,12 @@ def build_trainer(config: Config, accelerator: Accelerator, data: Data) -> Train
     log.info("world size %d, device %s, run folder %s", world, accelerator.device, run_dir)
 
     model = build_model(config.model)
-    loss_fn = build_loss(config.loss, config.model.num_classes).to(accelerator.device)
+    counts = data.train.manifest.get("class_counts", [])
+    if config.model.init_bias_from_prior:
+        init_head_bias(model, prior_logits(config, counts, data.train.num_samples))
+    loss_fn = build_loss(config, data.train.label_format, counts, data.train.num_samples)
+    loss_fn = loss_fn.to(accelerator.device)
+    preflight(config, data.train, model, loss_fn)
     train_loader = build_train_loader(
         config.data, data.train, rank=rank, world_size=world, seed=config.run.seed
     )
@@ -194,6 +206,24 @@ def prepare_run_dir(config: Config, accelerator: Accelerator) -> Path:
         save_config(config, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def preflight(config: Config, shards: ShardSet, model: nn.Module, loss_fn: HeadLoss) -> None:
+    """Run one small batch through model and loss, so a mismatch shows now, not in an hour."""
+    probe = config.data.model_copy(update={"num_workers": 0, "batch_size": 2})
+    batch = next(iter(build_eval_loader(probe, shards, rank=0, world_size=1)))
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(batch["image"])
+            loss_fn.to("cpu")(logits, batch["label"])
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(
+            f"a first batch failed in model + loss: images {tuple(batch['image'].shape)}, "
+            f"labels {tuple(batch['label'].shape)} {batch['label'].dtype}; {err}"
+        ) from None
+    finally:
+        model.train()
 
 
 def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -336,20 +366,35 @@ def evaluate_sets(trainer: Trainer) -> dict[str, dict[str, Any]]:
         flat = {f"eval/{name}/{k}": v for name, m in results.items()
                 for k, v in m.items() if isinstance(v, (int, float))}
         trainer.metrics.log(flat, step=trainer.state["global_step"])
-        (trainer.run_dir / "eval_results.json").write_text(json.dumps(results, indent=1))
+        write_results(results, trainer.run_dir / "eval_results")
     return results
 
 
 def run_evaluation(accelerator, model, config, loaders, shard_sets) -> dict[str, dict]:
+    """Predict every set, choose the calibrated threshold on one, then compute metrics."""
     bare = accelerator.unwrap_model(model)
-    results = {}
+    preds = {}
     for name, loader in loaders.items():
         local = predict(bare, loader, config.loss.name, accelerator.device)
-        shards = shard_sets[name]
-        preds = gather_predictions(local, shards.num_samples, name)
-        results[name] = compute_metrics(preds, config.loss.name, shards.class_names,
-                                        config.eval.threshold)
-    return results
+        preds[name] = gather_predictions(local, shard_sets[name].num_samples, name)
+    threshold = _calibrated_threshold(config, preds)
+    return {
+        name: compute_metrics(pred, config.loss.name, shard_sets[name].class_names,
+                              config.eval.threshold, threshold)
+        for name, pred in preds.items()
+    }
+
+
+def _calibrated_threshold(config: Config, preds: dict) -> float | None:
+    if not preds or config.eval.calibrate == "none":
+        return None
+    name = config.eval.calibration_set or next(iter(preds))
+    if name not in preds:
+        raise ConfigError(f"eval.calibration_set={name!r} is not an eval set; one of {list(preds)}")
+    threshold = calibrate_threshold(preds[name], config.eval.calibrate, config.eval.target_fpr)
+    if threshold is not None:
+        log.info("calibrated threshold %.4f (%s on %r)", threshold, config.eval.calibrate, name)
+    return threshold
 
 
 def check_replicas_identical(trainer: Trainer) -> None:
@@ -385,9 +430,14 @@ def evaluate_run(run_dir: Path, checkpoint: str | None, sets: dict[str, str] | N
                for n, s in shard_sets.items()}
     results = run_evaluation(accelerator, model, config, loaders, shard_sets)
     if accelerator.is_main_process:
-        out = run_dir / f"eval-{ckpt.name}.json"
-        out.write_text(json.dumps(results, indent=1))
-        log.info("checkpoint %s; results written to %s", ckpt, out)
+        stem = run_dir / f"eval-{ckpt.name}"
+        write_results(results, stem)
+        log.info("results:\n%s", summary_table(results))
+        log.info("run folder  %s", run_dir)
+        log.info("checkpoint  %s", ckpt)
+        log.info("results     %s.json, %s.csv", stem, stem.name)
+        for wandb_run in sorted((run_dir / "wandb").glob("*run-*")):
+            log.info("wandb run   %s (upload: wandb sync %s)", wandb_run, wandb_run)
     return results
 
 

@@ -32,6 +32,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.config import ConfigError
+from pipeline.data.labels import format_label
 from pipeline.data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 from pipeline.data.sources import (
     SOURCE_KINDS,
@@ -201,6 +202,7 @@ class _SetWriter:
     entries: list[dict[str, Any]] = field(default_factory=list)
     class_counts: list[int] = field(default_factory=list)
     formats: set[str] = field(default_factory=set)
+    label_formats: set[str] = field(default_factory=set)
     shard: _OpenShard | None = None
 
     def add(self, key: str, sample: ShardSample) -> None:
@@ -214,7 +216,7 @@ class _SetWriter:
         record = {
             "__key__": key,
             ext: sample.image,
-            "cls": str(sample.label).encode(),
+            "cls": format_label(sample.label).encode(),
             "json": json.dumps(sample.meta, sort_keys=True).encode(),
         }
         record_bytes = sum(_member_bytes(len(v)) for k, v in record.items() if k != "__key__")
@@ -224,8 +226,18 @@ class _SetWriter:
         self.shard.writer.write(record)
         self.shard.num_samples += 1
         self.shard.content_bytes += record_bytes
-        self.class_counts[sample.label] += 1
+        self._count(sample.label)
         self.formats.add(ext)
+
+    def _count(self, label: int | list[int]) -> None:
+        if isinstance(label, int):
+            self.class_counts[label] += 1
+            self.label_formats.add("index")
+            return
+        # Vectors: class_counts holds the positives of each class.
+        for index, value in enumerate(label):
+            self.class_counts[index] += int(value)
+        self.label_formats.add("one_hot" if sum(label) == 1 else "multi_hot")
 
     def _needs_new_shard(self, record_bytes: int) -> bool:
         if self.shard is None or self.shard.num_samples >= self.maxcount:
@@ -260,7 +272,7 @@ def _write_into(folder, samples, name, class_names, limits, total) -> dict[str, 
         "num_classes": len(class_names),
         "class_names": list(class_names),
         "class_counts": writer.class_counts,
-        "label_format": "index",
+        "label_format": _label_format(writer.label_formats),
         "image_format": ",".join(sorted(writer.formats)),
         "shards": entries,
     }
@@ -283,12 +295,28 @@ def _tar_file_bytes(content_bytes: int) -> int:
 
 
 def _check_label(sample: ShardSample, class_names: list[str]) -> None:
-    if not 0 <= sample.label < len(class_names):
-        source = sample.meta.get("source", "?")
+    label, source = sample.label, sample.meta.get("source", "?")
+    if isinstance(label, int):
+        if not 0 <= label < len(class_names):
+            raise ConfigError(
+                f"label {label} of {source!r} is outside 0..{len(class_names) - 1} "
+                f"(classes {class_names}); fix the label or the class list"
+            )
+        return
+    if len(label) != len(class_names) or any(v not in (0, 1) for v in label):
         raise ConfigError(
-            f"label {sample.label} of {source!r} is outside 0..{len(class_names) - 1} "
-            f"(classes {class_names}); fix the label or the class list"
+            f"label {list(label)} of {source!r} is not a 0/1 vector of {len(class_names)} "
+            f"values (classes {class_names}); fix the label or the class list"
         )
+
+
+def _label_format(formats: set[str]) -> str:
+    # A set mixing one-hot and multi-hot rows is multi-hot; indices never mix with vectors.
+    if formats == {"index"} or not formats:
+        return "index"
+    if "index" in formats:
+        raise ConfigError("labels mix class indices and 0/1 vectors; use one kind per set")
+    return "multi_hot" if "multi_hot" in formats else "one_hot"
 
 
 def _open(folder: Path, name: str, number: int) -> _OpenShard:
