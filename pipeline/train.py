@@ -373,6 +373,7 @@ def evaluate_sets(trainer: Trainer) -> dict[str, dict[str, Any]]:
 def run_evaluation(accelerator, model, config, loaders, shard_sets) -> dict[str, dict]:
     """Predict every set, choose the calibrated threshold on one, then compute metrics."""
     bare = accelerator.unwrap_model(model)
+    sync_buffers(bare)
     preds = {}
     for name, loader in loaders.items():
         local = predict(bare, loader, config.loss.name, accelerator.device)
@@ -397,15 +398,30 @@ def _calibrated_threshold(config: Config, preds: dict) -> float | None:
     return threshold
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics.
+
+    DDP syncs buffers at the start of each forward, so after the last training
+    step every rank holds statistics of its own last batch; evaluating with them
+    would make metrics depend on the number of processes.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def check_replicas_identical(trainer: Trainer) -> None:
     """Every rank must end with the same weights; a difference means a broken group."""
     acc = trainer.accelerator
     bare = acc.unwrap_model(trainer.model)
-    checksum = torch.stack([p.detach().double().sum() for p in bare.parameters()]).sum()
+    sync_buffers(bare)
+    tensors = [*bare.parameters(), *bare.buffers()]
+    checksum = torch.stack([t.detach().double().sum() for t in tensors]).sum()
     sums = acc.gather(checksum.to(acc.device).reshape(1)).cpu()
     if not torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=0):
         raise RuntimeError(f"ranks ended with different parameters: checksums {sums.tolist()}")
-    log.info("parameters identical on all %d ranks (checksum %.6f)", len(sums), sums[0].item())
+    log.info("parameters identical on all %d ranks (checksum %.6f)", len(sums),
+             sums[0].item())
 
 
 def evaluate_run(run_dir: Path, checkpoint: str | None, sets: dict[str, str] | None,
