@@ -11,7 +11,7 @@ demo: $(VENV)/.installed-demo
 		--seed 0 --maxcount 32 --overwrite
 	rm -rf runs/demo
 	NPROC=2 PYTHON=$(BIN)/python bash launch/torchrun.sh configs/demo.yaml
-	$(BIN)/pipeline eval --run runs/demo
+	$(BIN)/pipeline eval --run-dir runs/demo
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -6,8 +6,9 @@
 # With no GPU, every process runs on the CPU and they form one gloo group.
 set -euo pipefail
 
-PYTHON=${PYTHON:-.venv/bin/python}
-[ -x "$PYTHON" ] || PYTHON=python3
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-$HERE/.venv/bin/python}
+[ -x "$PYTHON" ] || { echo "no Python at $PYTHON: run 'make demo' or set PYTHON" >&2; exit 2; }
 NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}
 
 [ $# -ge 1 ] || { echo "usage: $0 CONFIG [key.sub=value ...]" >&2; exit 2; }

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 
 
-def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any]) -> Path:
+def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], keep: int = 2) -> Path:
     """Save on every rank (each keeps its RNG state); rank 0 publishes it by renaming."""
     folder = run_dir / "checkpoints"
     final = folder / f"epoch-{state['epoch']:04d}"
@@ -41,8 +41,16 @@ def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any]) -> P
         os.replace(partial, final)
         _write_pointer(folder, final.name)
         log.info("checkpoint saved to %s", final)
+        prune_checkpoints(folder, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (names sort by epoch)."""
+    done = sorted(p for p in folder.glob("epoch-*") if not p.name.endswith(".partial"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_pointer(folder: Path, name: str) -> None:

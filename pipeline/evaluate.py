@@ -29,6 +29,7 @@ import torch.distributed as dist
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 from torch import nn
 
+from pipeline.config import ConfigError
 from pipeline.losses import BINARY_LOSSES, probabilities
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ def gather_predictions(local: Predictions, expected: int, set_name: str) -> Pred
         dupes = len(keys) - len(set(keys))
         raise RuntimeError(f"eval set {set_name!r}: {dupes} samples were scored twice")
     if len(keys) != expected:
-        raise RuntimeError(
-            f"eval set {set_name!r}: scored {len(keys)} samples, the manifest lists {expected}"
+        raise ConfigError(
+            f"eval set {set_name!r}: scored {len(keys)} samples, but its manifest lists "
+            f"{expected}; check the set with `pipeline verify` or rewrite it"
         )
     order = np.argsort(keys)
     probs = np.concatenate([p.probs for p in parts])[order]
@@ -261,16 +263,23 @@ def run(args: argparse.Namespace) -> int:
     """`pipeline eval`: evaluate a run's checkpoint on its (or the given) eval sets."""
     from pipeline.train import evaluate_run
 
-    sets = dict(item.split("=", 1) for item in args.set) if args.set else None
-    results = evaluate_run(Path(args.run), args.checkpoint, sets, args.override)
+    sets = dict(_named_set(item) for item in args.set) if args.set else None
+    results = evaluate_run(Path(args.run_dir), args.checkpoint, sets, args.override)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
+def _named_set(item: str) -> tuple[str, str]:
+    name, sep, shards = item.partition("=")
+    if not sep or not name or not shards:
+        raise ConfigError(f"--set {item!r} is not of the form NAME=SHARDS")
+    return name, shards
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="pipeline eval")
-    parser.add_argument("--run", required=True, help="run folder (holds config.yaml)")
+    parser.add_argument("--run-dir", required=True, help="run folder (holds config.yaml)")
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the latest)")
     parser.add_argument(
         "--set", action="append", metavar="NAME=SHARDS", help="eval set; repeatable"

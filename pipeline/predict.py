@@ -244,7 +244,7 @@ def load_run_config(run_dir: Path) -> Config:
     if not (run_dir / "config.yaml").is_file():
         problem = "has no config.yaml" if run_dir.is_dir() else "does not exist"
         raise ConfigError(
-            f"--run {str(run_dir)!r} {problem}; give a run folder written by `pipeline train` "
+            f"--run-dir {str(run_dir)!r} {problem}; give a run folder written by `pipeline train` "
             "(it holds config.yaml and checkpoints/)"
         )
     return load_config(run_dir / "config.yaml")
@@ -256,7 +256,7 @@ def find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
         latest = latest_checkpoint(run_dir)
         if latest is None:
             raise ConfigError(
-                f"--run {str(run_dir)!r} has no checkpoint (no checkpoints/latest); "
+                f"--run-dir {str(run_dir)!r} has no checkpoint (no checkpoints/latest); "
                 "train first or pass --checkpoint CKPT_DIR"
             )
         return latest
@@ -462,7 +462,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="pipeline predict")
     # dest run_dir: `pipeline` keeps the subcommand's handler in args.run
     parser.add_argument(
-        "--run", dest="run_dir", required=True, help="run folder (holds config.yaml)"
+        "--run-dir", dest="run_dir", required=True, help="run folder (holds config.yaml)"
     )
     parser.add_argument(
         "--checkpoint",

@@ -31,6 +31,7 @@ from pipeline.config import Config, ConfigError, TrainConfig, load_config, save_
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.data.shards import ShardSet, resolve_shards
 from pipeline.evaluate import (
+    Predictions,
     calibrate_threshold,
     compute_metrics,
     gather_predictions,
@@ -40,14 +41,19 @@ from pipeline.evaluate import (
 )
 from pipeline.log import (
     MetricsLogger,
+    code_version,
+    describe_shard_set,
     format_duration,
     memory_gib,
+    next_eval_epoch,
     setup_logging,
     start_wandb,
     step_line,
+    steps_left,
 )
 from pipeline.losses import HeadLoss, build_loss, check_contract, prior_logits
 from pipeline.model import build_model, init_head_bias
+from pipeline.plots import SAMPLE_IMAGES, eval_media, sample_images
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +115,8 @@ def train(config: Config) -> dict[str, dict[str, Any]]:
             if epoch % config.train.eval_every_epochs == 0 or epoch == config.train.epochs:
                 results = evaluate_sets(trainer)
             trainer.state["epoch"] = epoch
-            save_checkpoint(accelerator, trainer.run_dir, trainer.state)
+            save_checkpoint(accelerator, trainer.run_dir, trainer.state,
+                            config.train.keep_checkpoints)
         check_replicas_identical(trainer)
     finally:
         trainer.metrics.close()
@@ -148,18 +155,9 @@ def check_world_size(num_processes: int) -> None:
 
 
 def build_trainer(config: Config, accelerator: Accelerator, data: Data) -> Trainer:
-    run_dir = prepare_run_dir(config, accelerator)
     set_seed(config.run.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
-    log.info("world size %d, device %s, run folder %s", world, accelerator.device, run_dir)
-
-    model = build_model(config.model)
-    counts = data.train.manifest.get("class_counts", [])
-    if config.model.init_bias_from_prior:
-        init_head_bias(model, prior_logits(config, counts, data.train.num_samples))
-    loss_fn = build_loss(config, data.train.label_format, counts, data.train.num_samples)
-    loss_fn = loss_fn.to(accelerator.device)
-    preflight(config, data.train, model, loss_fn)
+    log.info("world size %d, rank %d, device %s", world, rank, accelerator.device)
     train_loader = build_train_loader(
         config.data, data.train, rank=rank, world_size=world, seed=config.run.seed
     )
@@ -168,6 +166,10 @@ def build_trainer(config: Config, accelerator: Accelerator, data: Data) -> Train
                                 batch_size=config.eval.batch_size)
         for name, shards in data.evals.items()
     }
+    model, loss_fn = build_model_and_loss(config, data)
+    loss_fn = loss_fn.to(accelerator.device)
+    run_dir = prepare_run_dir(config, accelerator)
+
     total_steps = config.train.epochs * train_loader.steps_per_epoch
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, total_steps)
@@ -178,6 +180,16 @@ def build_trainer(config: Config, accelerator: Accelerator, data: Data) -> Train
     metrics = build_metrics_logger(config, accelerator, run_dir, state)
     return Trainer(config, accelerator, run_dir, model, loss_fn, optimizer, scheduler,
                    train_loader, eval_loaders, data, metrics, state)
+
+
+def build_model_and_loss(config: Config, data: Data) -> tuple[nn.Module, HeadLoss]:
+    model = build_model(config.model)
+    counts = data.train.manifest.get("class_counts", [])
+    if config.model.init_bias_from_prior:
+        init_head_bias(model, prior_logits(config, counts, data.train.num_samples))
+    loss_fn = build_loss(config, data.train.label_format, counts, data.train.num_samples)
+    preflight(config, data.train, model, loss_fn)
+    return model, loss_fn
 
 
 def build_data(config: Config) -> Data:
@@ -200,7 +212,10 @@ def build_data(config: Config) -> Data:
 
 
 def prepare_run_dir(config: Config, accelerator: Accelerator) -> Path:
+    """Create the run folder, or check a resumed one was trained with this config."""
     run_dir = config.run_dir.resolve()
+    check_resume_compatible(config, run_dir)
+    log.info("run folder %s", run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -224,6 +239,35 @@ def preflight(config: Config, shards: ShardSet, model: nn.Module, loss_fn: HeadL
         ) from None
     finally:
         model.train()
+
+
+# What a resumed run must share with the run that wrote its checkpoints.
+RESUME_KEYS = ("model", "loss", "optim", "data.train", "data.image_size", "data.batch_size",
+               "run.seed")
+
+
+def check_resume_compatible(config: Config, run_dir: Path) -> None:
+    if latest_checkpoint(run_dir) is None or not (run_dir / "config.yaml").is_file():
+        return
+    saved = load_config(run_dir / "config.yaml").model_dump(mode="json")
+    wanted = config.model_dump(mode="json")
+    changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, wanted)
+               if key.startswith(RESUME_KEYS)]
+    if changes:
+        raise ConfigError(
+            f"run folder {run_dir} holds checkpoints of another config, so it cannot resume:\n  "
+            + "\n  ".join(changes)
+            + "\nchoose a new run.name, or remove the run folder to start again"
+        )
+    log.info("run folder %s has checkpoints: resuming", run_dir)
+
+
+def _differences(old: Any, new: Any, prefix: str = ""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix.rstrip("."), old, new
 
 
 def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -266,11 +310,28 @@ def resume_if_possible(accelerator: Accelerator, run_dir: Path) -> dict[str, Any
 
 
 def build_metrics_logger(config, accelerator, run_dir, state) -> MetricsLogger:
-    if not accelerator.is_main_process:
-        return MetricsLogger(None)
-    state["wandb_run_id"] = state.get("wandb_run_id") or uuid.uuid4().hex[:8]
-    run = start_wandb(config, run_dir, state["wandb_run_id"])
-    return MetricsLogger(run_dir / "metrics.jsonl", run)
+    """The job's one metrics file and wandb run, on the main process; all ranks leave together."""
+    metrics = MetricsLogger(None)
+    if accelerator.is_main_process:
+        # Kept in trainer_state.json, so a resumed job continues the same wandb run
+        state["wandb_run_id"] = state.get("wandb_run_id") or uuid.uuid4().hex[:8]
+        info = run_info(config)
+        log.info("code %s; data %s", info["code"], json.dumps(info["data"]))
+        run = start_wandb(config, run_dir, state["wandb_run_id"], info)
+        metrics = MetricsLogger(run_dir / "metrics.jsonl", run)
+    # wandb's start is bounded by wandb.init_timeout_s: the other ranks wait for it
+    # here, well inside the process group's timeout, not at their first collective
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def run_info(config: Config) -> dict[str, Any]:
+    """Code version and data checksums, recorded with the run's config."""
+    specs = {"train": config.data.train, **config.data.eval}
+    keys = {"train": "data.train", **{name: f"data.eval.{name}" for name in config.data.eval}}
+    data = {name: describe_shard_set(resolve_shards(spec, key=keys[name], must_exist=False))
+            for name, spec in specs.items()}
+    return {"code": code_version(), "data": data}
 
 
 def train_epoch(trainer: Trainer, epoch: int) -> None:
@@ -287,7 +348,8 @@ def train_epoch(trainer: Trainer, epoch: int) -> None:
         window.step_done(loss, len(batch["label"]))
         if step % cfg.run.log_every_steps == 0 or step == loader.steps_per_epoch:
             log_progress(trainer, window, epoch, step)
-            window = Window()
+            # The next window starts where this one ended: logging's cost counts too
+            window = Window(start=window.mark)
     acc.wait_for_everyone()
 
 
@@ -311,14 +373,23 @@ def train_step(trainer: Trainer, batch: dict[str, Any]) -> torch.Tensor:
 
 
 class Window:
-    """Timings and loss over the steps between two log lines."""
+    """Timings and loss over the steps between two log lines.
 
-    def __init__(self) -> None:
-        self.start = self.mark = time.perf_counter()
+    `data_s` is the time spent waiting for batches; `elapsed_s` runs from `start`
+    to the end of the last step.
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.mark = time.perf_counter()
+        self.start = self.mark if start is None else start
         self.data_s = 0.0
         self.steps = 0
         self.samples = 0
         self.loss_sum: torch.Tensor | float = 0.0
+
+    @property
+    def elapsed_s(self) -> float:
+        return max(1e-9, self.mark - self.start)
 
     def data_ready(self) -> None:
         now = time.perf_counter()
@@ -333,33 +404,72 @@ class Window:
 
 
 def log_progress(trainer: Trainer, window: Window, epoch: int, step: int) -> None:
-    """Reduce the window's loss over ranks and log/record one step line."""
-    acc, cfg = trainer.accelerator, trainer.config
-    loss = acc.reduce(torch.as_tensor(window.loss_sum, device=acc.device) / window.steps, "mean")
-    elapsed = max(1e-9, time.perf_counter() - window.start)
-    steps = trainer.train_loader.steps_per_epoch
-    left = (cfg.train.epochs - epoch) * steps + steps - step
-    values = {
-        "epoch": epoch, "epochs": cfg.train.epochs, "step": step, "steps": steps,
-        "loss": loss.item(), "lr": trainer.scheduler.get_last_lr()[0],
-        "images_per_s": window.samples * acc.num_processes / elapsed,
-        "data_wait_pct": 100 * window.data_s / elapsed, "memory_gib": memory_gib(),
-        "eta": format_duration(left * elapsed / window.steps),
-    }
+    """Reduce the window over ranks; print the step line, record metrics, watch the loader."""
+    shared = reduce_window(trainer.accelerator, window, trainer.train_loader)
+    values = progress_values(trainer, window, epoch, step, shared)
     log.info("%s", step_line(values))
-    trainer.metrics.log(
-        {"train/loss": values["loss"], "train/lr": values["lr"], "train/epoch": epoch,
-         "perf/images_per_s": values["images_per_s"],
-         "perf/data_wait_pct": values["data_wait_pct"],
-         "perf/step_s": elapsed / window.steps, "perf/memory_gib": values["memory_gib"]},
-        step=trainer.state["global_step"],
-    )
+    steps = trainer.train_loader.steps_per_epoch
+    metrics = {
+        "train/loss": values["loss"], "train/lr": values["lr"],
+        "train/epoch": epoch - 1 + step / steps,
+        "perf/images_per_s": values["images_per_s"],
+        "perf/images_per_s_per_process": window.samples / window.elapsed_s,
+        "perf/data_wait_pct": values["data_wait_pct"], "perf/step_s": values["step_s"],
+        "perf/memory_gib": values["memory_gib"],
+        **{COUNT_KEYS.get(name, f"data/{name}"): value for name, value in shared["counts"].items()},
+    }
+    trainer.metrics.log(metrics, step=trainer.state["global_step"])
+    if trainer.accelerator.is_main_process:
+        warning = trainer.metrics.data_wait.add(
+            shared["data_wait"] * window.elapsed_s, window.elapsed_s, window.steps,
+            trainer.config.data.num_workers)
+        if warning:
+            log.warning("%s", warning)
+
+
+# The loader's bad-data counts (decode.Tally), summed over ranks since the job started
+COUNT_KEYS = {"good": "data/good_samples", "bad": "data/bad_samples",
+              "bad_shards": "data/bad_shards", "small": "data/small_images"}
+
+
+def reduce_window(acc: Accelerator, window: Window, loader: Any) -> dict[str, Any]:
+    """One collective: the mean loss and data-wait share over ranks, summed bad counts."""
+    counter = getattr(loader, "bad_counts", None)  # loaders that count bad data offer it
+    counts = counter() if callable(counter) else {}
+    loss = torch.as_tensor(window.loss_sum, device=acc.device).double().reshape(1)
+    local = torch.tensor([window.data_s / window.elapsed_s, *counts.values()],
+                         dtype=torch.float64, device=acc.device)
+    total = acc.reduce(torch.cat([loss / window.steps, local]), "sum").tolist()
+    return {
+        "loss": total[0] / acc.num_processes,
+        "data_wait": total[1] / acc.num_processes,
+        "counts": {name: int(value) for name, value in zip(counts, total[2:])},
+    }
+
+
+def progress_values(trainer: Trainer, window: Window, epoch: int, step: int,
+                    shared: dict[str, Any]) -> dict[str, Any]:
+    """The step line's fields; ETAs count training steps only, from this window's pace."""
+    acc, cfg = trainer.accelerator, trainer.config
+    steps = trainer.train_loader.steps_per_epoch
+    step_s = window.elapsed_s / window.steps
+    eval_epoch = next_eval_epoch(epoch, cfg.train.eval_every_epochs, cfg.train.epochs)
+    to_eval = steps_left(epoch, step, steps, eval_epoch) * step_s
+    return {
+        "epoch": epoch, "epochs": cfg.train.epochs, "step": step, "steps": steps,
+        "loss": shared["loss"], "lr": trainer.scheduler.get_last_lr()[0],
+        "images_per_s": window.samples * acc.num_processes / window.elapsed_s,
+        "step_s": step_s, "data_wait_pct": 100 * shared["data_wait"],
+        "memory_gib": memory_gib(),
+        "eval_eta": format_duration(to_eval) if trainer.eval_loaders else "-",
+        "eta": format_duration(steps_left(epoch, step, steps, cfg.train.epochs) * step_s),
+    }
 
 
 def evaluate_sets(trainer: Trainer) -> dict[str, dict[str, Any]]:
     """Score every eval set exactly once over all ranks; log and record the metrics."""
-    results = run_evaluation(trainer.accelerator, trainer.model, trainer.config,
-                             trainer.eval_loaders, trainer.data.evals)
+    preds = predict_sets(trainer)
+    results = score_sets(trainer.config, preds, trainer.data.evals)
     if results and trainer.accelerator.is_main_process:
         log.info("evaluation after epoch %d:\n%s", trainer.state["epoch"] + 1,
                  summary_table(results))
@@ -367,7 +477,57 @@ def evaluate_sets(trainer: Trainer) -> dict[str, dict[str, Any]]:
                 for k, v in m.items() if isinstance(v, (int, float))}
         trainer.metrics.log(flat, step=trainer.state["global_step"])
         write_results(results, trainer.run_dir / "eval_results")
+        log_eval_charts(trainer, results, preds)
     return results
+
+
+def predict_sets(trainer: Trainer) -> dict[str, Predictions]:
+    """Every eval set's predictions, gathered from all ranks (as run_evaluation does);
+    kept apart from the metrics so that the charts can use them."""
+    acc = trainer.accelerator
+    bare = acc.unwrap_model(trainer.model)
+    sync_buffers(bare)
+    preds = {}
+    for name, loader in trainer.eval_loaders.items():
+        local = predict(bare, loader, trainer.config.loss.name, acc.device)
+        preds[name] = gather_predictions(local, trainer.data.evals[name].num_samples, name)
+    return preds
+
+
+def score_sets(config: Config, preds: dict[str, Predictions],
+               shard_sets: dict[str, ShardSet]) -> dict[str, dict[str, Any]]:
+    """Metrics of every set, with the threshold calibrated as run_evaluation does."""
+    threshold = _calibrated_threshold(config, preds)
+    return {
+        name: compute_metrics(pred, config.loss.name, shard_sets[name].class_names,
+                              config.eval.threshold, threshold)
+        for name, pred in preds.items()
+    }
+
+
+def log_eval_charts(trainer: Trainer, results: dict[str, dict[str, Any]],
+                    preds: dict[str, Predictions]) -> None:
+    """wandb charts of this evaluation (main process); a failure costs the charts only."""
+    if trainer.metrics.wandb_run is None:
+        return
+    cfg, names = trainer.config, trainer.data.train.class_names
+    first = next(iter(preds))
+    try:
+        media = eval_media(results, preds, names, cfg.loss.name)
+        batch = sample_batch(cfg, trainer.data.evals[first])
+        media[f"eval/{first}/samples"] = sample_images(
+            batch, preds[first], names, cfg.loss.name, cfg.data.mean, cfg.data.std)
+        trainer.metrics.log_media(media, step=trainer.state["global_step"])
+    except Exception as err:  # charts are a view; training and the numbers go on
+        log.warning("wandb charts of this evaluation skipped: %s", err)
+
+
+def sample_batch(config: Config, shard_set: ShardSet) -> dict[str, Any]:
+    """The first samples of an eval set, read again in this process (no worker start)."""
+    probe = config.data.model_copy(update={"num_workers": 0})
+    loader = build_eval_loader(probe, shard_set, rank=0, world_size=1,
+                               batch_size=SAMPLE_IMAGES)
+    return next(iter(loader))
 
 
 def run_evaluation(accelerator, model, config, loaders, shard_sets) -> dict[str, dict]:
@@ -378,6 +538,8 @@ def run_evaluation(accelerator, model, config, loaders, shard_sets) -> dict[str,
     for name, loader in loaders.items():
         local = predict(bare, loader, config.loss.name, accelerator.device)
         preds[name] = gather_predictions(local, shard_sets[name].num_samples, name)
+    if not accelerator.is_main_process:
+        return {}  # metrics are computed and reported once, on the main process
     threshold = _calibrated_threshold(config, preds)
     return {
         name: compute_metrics(pred, config.loss.name, shard_sets[name].class_names,
@@ -446,7 +608,8 @@ def evaluate_run(run_dir: Path, checkpoint: str | None, sets: dict[str, str] | N
                for n, s in shard_sets.items()}
     results = run_evaluation(accelerator, model, config, loaders, shard_sets)
     if accelerator.is_main_process:
-        stem = run_dir / f"eval-{ckpt.name}"
+        suffix = "-".join(["", *sets]) if sets else ""
+        stem = run_dir / f"eval-{ckpt.name}{suffix}"
         write_results(results, stem)
         log.info("results:\n%s", summary_table(results))
         log.info("run folder  %s", run_dir)

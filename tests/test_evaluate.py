@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
+from pipeline.config import ConfigError
 from pipeline.evaluate import (
     Predictions,
     calibrate_threshold,
@@ -68,7 +69,7 @@ def test_constant_predictions_warn_c05(caplog):
 def test_duplicates_and_missing_samples_are_errors():
     pred = binary([0.1, 0.2], [0, 1])
     assert gather_predictions(pred, 2, "val").keys == ["k0", "k1"]
-    with pytest.raises(RuntimeError, match="manifest lists 3"):
+    with pytest.raises(ConfigError, match="manifest lists 3"):
         gather_predictions(pred, 3, "val")
     twice = Predictions(["a", "a"], pred.probs, pred.labels)
     with pytest.raises(RuntimeError, match="scored twice"):

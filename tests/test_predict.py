@@ -242,7 +242,7 @@ def test_shard_inputs_folder_manifest_and_pattern(tmp_path, shards):
 def test_file_input_through_the_cli_with_workers(tmp_path, images, shards):
     run, config = make_run(tmp_path, shards, 1, "bce_with_logits")
     out = tmp_path / "out" / "preds.csv"
-    argv = ["predict", "--run", str(run), "--out", str(out), "--num-workers", "2"]
+    argv = ["predict", "--run-dir", str(run), "--out", str(out), "--num-workers", "2"]
     argv += ["--batch-size", "3", str(images / "sub/d.png"), str(shards)]
 
     assert cli_main(argv) == 0
@@ -317,5 +317,5 @@ def test_missing_checkpoint_and_foreign_weights(tmp_path, images, shards):
 
 
 def test_cli_turns_config_errors_into_exit_code_2(tmp_path, images):
-    argv = ["predict", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x.csv")]
+    argv = ["predict", "--run-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "x.csv")]
     assert cli_main([*argv, str(images)]) == 2

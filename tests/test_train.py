@@ -18,6 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.checkpoint import prune_checkpoints
+from pipeline.config import ConfigError, load_config, save_config
+from pipeline.train import check_resume_compatible
 from pipeline.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +83,35 @@ def test_command_line_error_exits_2_without_traceback(faces_shards, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def fake_finished_run(run_dir: Path, config) -> None:
+    save_config(config, run_dir / "config.yaml")
+    (run_dir / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("epoch-0001\n")
+
+
+def test_resume_with_another_config_is_refused_with_the_differences(tmp_path):
+    config = load_config(DEMO, [f"run.output_dir={tmp_path}"])
+    fake_finished_run(config.run_dir, config)
+    check_resume_compatible(config, config.run_dir)  # same config: fine
+    changed = load_config(DEMO, [f"run.output_dir={tmp_path}", "model.arch=resnet18",
+                                 "optim.lr=0.1", "train.epochs=9", "eval.threshold=0.3"])
+    with pytest.raises(ConfigError, match="cannot resume") as err:
+        check_resume_compatible(changed, changed.run_dir)
+    message = str(err.value)
+    assert "model.arch: 'resnet50' -> 'resnet18'" in message
+    assert "optim.lr: 0.001 -> 0.1" in message
+    assert "train.epochs" not in message and "eval.threshold" not in message
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    for epoch in range(1, 6):
+        (tmp_path / f"epoch-{epoch:04d}").mkdir()
+    (tmp_path / "epoch-0006.partial").mkdir()
+    prune_checkpoints(tmp_path, keep=2)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["epoch-0004", "epoch-0005", "epoch-0006.partial"]
+
+
 # --- real training ------------------------------------------------------------------
 
 
@@ -127,7 +159,8 @@ def test_demo_on_two_processes(tmp_path):
 
     run_dir = tmp_path / "demo"
     check_run_folder(run_dir)
-    evaluated = run([sys.executable, "-m", "pipeline", "eval", "--run", str(run_dir)], REPO, 120)
+    command = [sys.executable, "-m", "pipeline", "eval", "--run-dir", str(run_dir)]
+    evaluated = run(command, REPO, 120)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     metrics = json.loads((run_dir / "eval-epoch-0005.json").read_text())["val"]
     assert metrics["num_samples"] == 40
@@ -136,7 +169,7 @@ def test_demo_on_two_processes(tmp_path):
 
 
 def check_run_folder(run_dir: Path) -> None:
-    """The resolved config, one offline wandb run, metrics and 5 checkpoints are there."""
+    """The resolved config, one offline wandb run, metrics and the last 2 checkpoints."""
     assert (run_dir / "config.yaml").is_file()
     wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 1, wandb_runs  # one run per job, not one per process
@@ -144,6 +177,6 @@ def check_run_folder(run_dir: Path) -> None:
     steps = [line["step"] for line in lines if "train/loss" in line]
     assert steps == sorted(steps) and steps[-1] == 50  # 5 epochs x 10 steps per rank
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert names == [f"epoch-{e:04d}" for e in range(1, 6)] + ["latest"]
+    assert names == ["epoch-0004", "epoch-0005", "latest"]  # train.keep_checkpoints: 2
     weights = load_file(str(run_dir / "checkpoints" / "epoch-0005" / "model.safetensors"))
     assert weights["fc.weight"].shape == torch.Size([1, 2048])
