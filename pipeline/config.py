@@ -62,10 +62,10 @@ class DataConfig(Section):
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="RGB std.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     on_bad_sample: Literal["skip", "strict"] = Field(
-        "skip", description="Bad sample or unreadable shard: skip (count, log) or strict (stop)."
+        "skip", description="Bad sample or unreadable shard: skip (count, log, go on) or strict."
     )
     max_bad_fraction: float = Field(
-        0.01, ge=0, lt=1, description="skip: stop when bad reads exceed this share of a rank's."
+        0.01, ge=0, lt=1, description="Stop when more of a rank's reads in an epoch are bad."
     )
     resampled: bool = Field(
         False, description="Draw training shards with replacement (approximate epochs)."
@@ -74,9 +74,11 @@ class DataConfig(Section):
         True, description="Decode large JPEGs at a reduced size still covering the crop."
     )
     cache_dir: Path | None = Field(
-        None, description="Cache for remote (http(s)/s3/gs) shards, written atomically."
+        None, description="Folder caching remote (http(s)/s3/gs) shards; null: stream them."
     )
-    fetch_timeout_s: float = Field(60.0, gt=0, description="Timeout of one remote request.")
+    fetch_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds to wait on one remote shard request (manifests: 60)."
+    )
 
 
 class ModelConfig(Section):
@@ -124,6 +126,9 @@ class TrainConfig(Section):
     )
     grad_clip_norm: float | None = Field(None, gt=0, description="Clip gradients to this norm.")
     eval_every_epochs: int = Field(1, ge=1, description="Epochs between evaluations.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Checkpoints kept in the run folder (the newest ones)."
+    )
 
 
 class EvalConfig(Section):
@@ -149,6 +154,11 @@ class WandbConfig(Section):
     entity: str | None = Field(None, description="wandb entity (team or user).")
     group: str | None = Field(None, description="wandb group.")
     tags: list[str] = Field(default_factory=list, description="wandb tags.")
+    # Capped well below the process group's 30 min timeout: the other ranks wait meanwhile
+    init_timeout_s: float = Field(
+        60.0, gt=0, le=600,
+        description="Seconds wandb may take to start online; then the run logs offline.",
+    )
 
 
 class Config(Section):

@@ -37,6 +37,7 @@ from pipeline.evaluate import (
     gather_predictions,
     predict,
     summary_table,
+    task_of,
     write_results,
 )
 from pipeline.log import (
@@ -534,23 +535,29 @@ def run_evaluation(accelerator, model, config, loaders, shard_sets) -> dict[str,
     """Predict every set, choose the calibrated threshold on one, then compute metrics."""
     bare = accelerator.unwrap_model(model)
     sync_buffers(bare)
-    preds = {}
+    preds, lost = {}, {}
     for name, loader in loaders.items():
         local = predict(bare, loader, config.loss.name, accelerator.device)
-        preds[name] = gather_predictions(local, shard_sets[name].num_samples, name)
+        # Samples the skip policy dropped are counted, so exactly-once still holds.
+        bad = torch.tensor([loader.epoch_counts()["bad"]], device=accelerator.device)
+        lost[name] = int(accelerator.reduce(bad, "sum").item())
+        preds[name] = gather_predictions(local, shard_sets[name].num_samples - lost[name], name)
     if not accelerator.is_main_process:
         return {}  # metrics are computed and reported once, on the main process
     threshold = _calibrated_threshold(config, preds)
-    return {
-        name: compute_metrics(pred, config.loss.name, shard_sets[name].class_names,
-                              config.eval.threshold, threshold)
-        for name, pred in preds.items()
-    }
+    results = {}
+    for name, pred in preds.items():
+        results[name] = compute_metrics(pred, config.loss.name, shard_sets[name].class_names,
+                                        config.eval.threshold, threshold)
+        results[name]["bad_samples"] = lost[name]
+    return results
 
 
 def _calibrated_threshold(config: Config, preds: dict) -> float | None:
     if not preds or config.eval.calibrate == "none":
         return None
+    if task_of(config.loss.name, config.model.num_classes) != "binary":
+        return None  # a second threshold only means something for a binary head
     name = config.eval.calibration_set or next(iter(preds))
     if name not in preds:
         raise ConfigError(f"eval.calibration_set={name!r} is not an eval set; one of {list(preds)}")

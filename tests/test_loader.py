@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import random
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -15,7 +16,14 @@ from loader_support import CLASS_NAMES, lfw_samples, write_unequal_shards
 from PIL import Image
 
 from pipeline.config import AugmentConfig, DataConfig
-from pipeline.data.decode import SampleError, decode_sample, wanted_member
+from pipeline.data.decode import (
+    BadDataError,
+    DraftTarget,
+    SampleError,
+    build_draft_target,
+    decode_sample,
+    wanted_member,
+)
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.data.shards import (
     MANIFEST_FORMAT,
@@ -24,7 +32,11 @@ from pipeline.data.shards import (
     ShardSet,
     resolve_shards,
 )
-from pipeline.data.transforms import build_eval_transform, build_train_transform
+from pipeline.data.transforms import (
+    build_eval_transform,
+    build_train_transform,
+    random_crop_box,
+)
 
 UNEQUAL = [7, 50, 13, 30]
 
@@ -218,8 +230,11 @@ def test_shard_path_is_never_run_as_a_command(tmp_path, unequal):
     marker = tmp_path / "ran"
     shard = Shard(f"pipe:touch {marker}", 1)
     shard_set = ShardSet(unequal.root, unequal.manifest, (shard,))
-    with pytest.raises(FileNotFoundError):
-        list(build_eval_loader(config(), shard_set, rank=0, world_size=1))
+    strict = config(on_bad_sample="strict")
+    with pytest.raises(BadDataError, match="FileNotFoundError"):
+        list(build_eval_loader(strict, shard_set, rank=0, world_size=1))
+    with pytest.raises(BadDataError, match="no usable sample|max_bad_fraction"):
+        list(build_train_loader(config(batch_size=1), shard_set, rank=0, world_size=1, seed=0))
     assert not marker.exists()
 
 
@@ -236,7 +251,7 @@ def png(size: int = 8) -> bytes:
         ({"png": png()}, "no label member"),
         ({"png": png()[:40], "cls": b"0"}, "cannot decode"),
         ({"jpg": b"not a jpeg", "cls": b"0"}, "cannot decode"),
-        ({"png": png(), "cls": b"zero"}, "not an integer"),
+        ({"png": png(), "cls": b"zero"}, "invalid literal for int"),
         ({"png": png(), "cls": b"5"}, "outside 0..1"),
     ],
 )
@@ -249,3 +264,102 @@ def test_bad_sample_error_names_key_and_shard(sample, reason):
 def test_grayscale_decoded_as_rgb():
     decoded = decode_sample({"__key__": "k", "__url__": "u", "png": png(), "cls": b"1"})
     assert decoded.image.mode == "RGB" and decoded.label == 1 and decoded.meta == {}
+
+
+# ---- resampled mode
+
+
+def test_resampled_gives_exact_steps_and_repeats_for_seed(unequal):
+    cfg = config(resampled=True, batch_size=5)
+    every = set(all_keys(unequal))
+    runs = {}
+    for rank in (0, 1):
+        loader = build_train_loader(cfg, unequal, rank=rank, world_size=2, seed=0)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert [len(b["key"]) for b in batches] == [5] * 10 == [5] * len(loader)
+            runs[rank, epoch] = keys_of(batches)
+            assert set(runs[rank, epoch]) <= every
+    assert runs[0, 0] != runs[0, 1] and runs[0, 0] != runs[1, 0]
+    again = build_train_loader(cfg, unequal, rank=1, world_size=2, seed=0)
+    assert keys_of(again) == runs[1, 0]
+    workers = build_train_loader(config(resampled=True, batch_size=5, num_workers=2),
+                                 unequal, rank=1, world_size=2, seed=0)
+    assert [len(b["key"]) for b in workers] == [5] * 10
+
+
+def test_resampled_draws_from_all_shards_with_replacement(equal):
+    # 32 samples over 4 shards, one rank, 4 steps of 8: whole shards are drawn
+    cfg = config(resampled=True, batch_size=8, shuffle_buffer=0)
+    drawn = Counter(keys_of(build_train_loader(cfg, equal, rank=0, world_size=1, seed=5)))
+    assert sum(drawn.values()) == 32
+    assert max(drawn.values()) > 1 or len(drawn) == 32  # with replacement
+
+
+# ---- draft decoding of large JPEGs
+
+
+@pytest.fixture(scope="module")
+def photo_jpegs() -> list[bytes]:
+    """Six real photos: crops of scikit-learn's sample images, ~400 px, JPEG."""
+    from sklearn.datasets import load_sample_images
+
+    out = []
+    for photo in load_sample_images().images:
+        image = Image.fromarray(photo)
+        for box in [(0, 0, 427, 427), (100, 20, 640, 400), (200, 0, 500, 427)]:
+            crop = image.crop(box)
+            width = 400
+            crop = crop.resize((width, round(crop.height * width / crop.width)))
+            buffer = io.BytesIO()
+            crop.save(buffer, format="JPEG", quality=90)
+            out.append(buffer.getvalue())
+    return out
+
+
+def test_draft_request_picks_the_largest_scale_that_still_covers():
+    target = DraftTarget(min_side=100)
+    assert target.request((400, 300)) == (200, 150)  # 1/4 would give 75 < 100
+    assert target.request((900, 800)) == (112, 100)  # 1/8 still covers
+    assert target.request((199, 400)) is None  # not twice the need: full decode
+    assert DraftTarget(10, min_area=5000).request((400, 400)) == (100, 100)
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.5, 1.0), (0.9, 1.0)])
+@pytest.mark.parametrize("size", [(640, 427), (400, 1000), (1500, 300)])
+def test_drafted_train_crop_is_never_smaller_than_the_output(scale, size):
+    cfg = config(image_size=64, augment=AugmentConfig(crop_scale=scale))
+    request = build_draft_target(cfg, train=True).request(size)
+    drafted = request or size
+    rng = random.Random(0)
+    for _ in range(500):
+        left, top, right, bottom = random_crop_box(drafted, scale, rng)
+        assert min(right - left, bottom - top) >= 64
+
+
+def test_no_draft_when_augmentations_work_at_source_resolution():
+    assert build_draft_target(config(draft_decode=False), train=False) is None
+    assert build_draft_target(config(augment=AugmentConfig(blur_prob=0.5)), train=True) is None
+    assert build_draft_target(config(augment=AugmentConfig(jpeg_prob=0.5)), train=True) is None
+    plain = config(augment=AugmentConfig(random_resized_crop=False))
+    assert build_draft_target(plain, train=True) == DraftTarget(32)
+    assert build_draft_target(config(eval_resize_ratio=1.25), train=False) == DraftTarget(40)
+
+
+@pytest.mark.parametrize("image_size,factor", [(96, 2), (48, 4)])
+def test_draft_decoded_eval_matches_plain_decode(photo_jpegs, image_size, factor):
+    cfg = config(image_size=image_size, eval_resize_ratio=1.14)
+    target = build_draft_target(cfg, train=False)
+    transform = build_eval_transform(cfg)
+    for data in photo_jpegs:
+        sample = {"__key__": "k", "__url__": "u", "jpg": data, "cls": b"0"}
+        drafted = decode_sample(sample, 2, draft=target).image
+        plain = decode_sample(sample, 2).image
+        assert drafted.width == -(-plain.width // factor)  # libjpeg really scaled
+        diff = transform(drafted) - transform(plain)
+        # Normalized units (1 = about 58 of 255 grey levels): libjpeg's DCT
+        # scaling is another low-pass filter than Pillow's, so pixels differ a
+        # little (measured 1-5 levels on average); brightness must not drift
+        assert diff.abs().mean().item() < 0.1
+        assert abs(diff.mean().item()) < 0.02

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from loader_support import write_unequal_shards
 
@@ -96,3 +97,37 @@ def test_two_ranks_equal_steps_disjoint_keys(tmp_path, sizes, batch_size, num_wo
         # Whole shards or strided slices: either way each rank reads its own samples
         assert not set(runs[0]["keys"]) & set(runs[1]["keys"])
     assert all(report["world_size"] == 2 for report in reports)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * TIMEOUT_S)
+def test_two_rank_eval_matches_one_process_c14(tmp_path, faces_shards):
+    # faces val: 1 shard for 2 ranks x 2 workers (strided); then unequal shards
+    from loader_support import score_sets
+
+    sets = [
+        str(faces_shards / "val"),
+        str(write_unequal_shards(tmp_path / "unequal", [7, 50, 13, 30]).root),
+        str(write_unequal_shards(tmp_path / "tiny", [3, 2]).root),
+    ]
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [",".join(sets), str(out), "--eval", "--batch-size", "4", "--num-workers", "2"]
+    result = run_two_ranks(args)
+    assert result.returncode == 0, result.stdout[-4000:]
+
+    single = score_sets(sets, rank=0, world=1, num_workers=0, batch_size=4)
+    for rank in (0, 1):
+        gathered = json.loads((out / f"eval-rank{rank}.json").read_text())
+        for name in sets:
+            one, two = single[name], gathered[name]
+            assert two["keys"] == one["keys"]
+            assert len(set(two["keys"])) == len(two["keys"])
+            assert two["labels"] == one["labels"]
+            assert np.allclose(two["probs"], one["probs"], rtol=0, atol=1e-6)
+            assert two["metrics"] == one["metrics"]
+    locals_ = [json.loads((out / f"eval-rank{r}.json").read_text()) for r in (0, 1)]
+    for name in sets:
+        # Each rank scored its own part; the parts add up to the whole set
+        assert sum(part[name]["local"] for part in locals_) == len(single[name]["keys"])
+        assert all(part[name]["local"] > 0 for part in locals_)

@@ -7,13 +7,16 @@ from collections import Counter
 
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.data.shards import Shard
+from pipeline.config import ConfigError, DataConfig
+from pipeline.data.shards import Shard, ShardSet
 from pipeline.data.split import (
     ShardSlice,
     assign,
     batch_quotas,
+    describe_eval_plan,
+    describe_train_plan,
     plan_eval,
+    plan_resampled_epoch,
     plan_train_epoch,
     seeded_rng,
     steps_per_epoch,
@@ -150,3 +153,61 @@ def test_every_rank_gets_the_same_steps(world_size, num_readers):
     plans = all_train_plans(shards, world_size, num_readers, batch_size=3)
     expected = steps_per_epoch(100, world_size, 3)
     assert [sum(r.quota_batches for r in rank) for rank in plans] == [expected] * world_size
+
+
+def test_resampled_plan_every_reader_may_draw_any_shard():
+    shards = make_shards([7, 50, 13, 30, 0])
+    plans = plan_resampled_epoch(shards, world_size=3, num_readers=4, batch_size=5)
+    assert sum(p.quota_batches for p in plans) == steps_per_epoch(100, 3, 5) == 6
+    assert max(p.quota_batches for p in plans) - min(p.quota_batches for p in plans) <= 1
+    assert all({p.url for p in plan.slices} == {s.url for s in shards[:4]} for plan in plans)
+
+
+def shard_set(sizes: list[int]) -> ShardSet:
+    entries = [{"file": f"s{i:03d}.tar", "num_samples": n} for i, n in enumerate(sizes)]
+    manifest = {"class_names": ["a", "b"], "shards": entries}
+    return ShardSet("/data/set", manifest, tuple(make_shards(sizes)))
+
+
+def test_describe_train_plan_names_shards_steps_drops_and_top_ups():
+    cfg = DataConfig(batch_size=4, num_workers=2)
+    lines = describe_train_plan(shard_set([2, 30]), cfg, world_size=2, seed=0, epoch=0)
+    text = "\n".join(lines)
+    assert "32 samples in 2 shard(s); 2 rank(s) x 2 worker(s), batch 4 -> 4 steps" in text
+    # 2 shards for 4 readers: strided slices; the small shard's readers top up
+    assert "s000.tar[0::2](1)" in text and "tops up 7" in text and "drops 7" in text
+    assert sum(line.startswith("rank ") for line in lines) == 2
+
+
+def test_describe_plans_resampled_and_eval():
+    cfg = DataConfig(batch_size=4, num_workers=2, resampled=True)
+    text = "\n".join(describe_train_plan(shard_set([8, 8]), cfg, world_size=1, seed=0, epoch=3))
+    assert "batches per worker [2, 2]" in text and "with replacement" in text
+    lines = describe_eval_plan("val", shard_set([5]), cfg, world_size=2)
+    assert lines[1:] == [
+        "rank 0: 3 samples", "  worker 0: 2 samples: s000.tar[0::4](2)",
+        "  worker 1: 1 samples: s000.tar[2::4](1)",
+        "rank 1: 2 samples", "  worker 0: 1 samples: s000.tar[1::4](1)",
+        "  worker 1: 1 samples: s000.tar[3::4](1)",
+    ]
+
+
+def test_plan_command_reads_manifests_only(tmp_path, faces_shards, caplog):
+    import argparse
+    import logging
+
+    from pipeline.data.split import add_plan_arguments, run_plan
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data:\n  train: {faces_shards / 'train'}\n  eval: {{val: {faces_shards / 'val'}}}\n"
+    )
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    with caplog.at_level(logging.INFO):
+        args = [str(config), "data.batch_size=8", "--world-size", "4"]
+        assert run_plan(parser.parse_args(args)) == 0
+    assert "160 samples in 4 shard(s); 4 rank(s) x 2 worker(s), batch 8 -> 5 steps" in caplog.text
+    assert "rank 3: 5 steps" in caplog.text and "eval val" in caplog.text
+    with pytest.raises(ConfigError, match="--world-size 0"):
+        run_plan(parser.parse_args([str(config), "--world-size", "0"]))

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import hashlib
 import importlib.util
 import io
 import json
 import logging
+import struct
 import tarfile
 from pathlib import Path
 
@@ -267,6 +269,145 @@ def test_embedded_jpg_format(tmp_path):
     assert all(image_of(r)[1][:2] == b"\xff\xd8" for r in records.values())
 
 
+# ---- idx files (the MNIST / Fashion-MNIST layout)
+
+
+def digit_pixels() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits as uint8 [N, 8, 8] and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return np.rint(digits.images * 255 / 16).astype(np.uint8), digits.target.astype(np.uint8)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True, magic: int | None = None) -> Path:
+    """An idx file: magic (0x0800 | ndim for uint8), big-endian dims, then the bytes."""
+    magic = 0x0800 | array.ndim if magic is None else magic
+    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def write_idx_pair(folder: Path, part: str, start: int, count: int, gz: bool = True) -> None:
+    pixels, labels = digit_pixels()
+    suffix = ".gz" if gz else ""
+    write_idx(folder / f"{part}-images-idx3-ubyte{suffix}", pixels[start : start + count], gz)
+    write_idx(folder / f"{part}-labels-idx1-ubyte{suffix}", labels[start : start + count], gz)
+
+
+def test_idx_folder_train_and_test_pairs(tmp_path, caplog):
+    root = tmp_path / "fashion-mnist"
+    write_idx_pair(root, "train", 0, 120)
+    write_idx_pair(root, "t10k", 120, 50, gz=False)  # plain files work as well
+    pixels, labels = digit_pixels()
+
+    assert detect_kind(root) == "idx"
+    with caplog.at_level(logging.INFO):
+        shard(root, "--out", tmp_path / "out", "--maxcount", "64")
+    manifest, records = read_set(tmp_path / "out")
+
+    assert manifest["class_names"] == sources.FASHION_MNIST_CLASSES
+    assert manifest["class_counts"] == np.bincount(labels[:170], minlength=10).tolist()
+    assert manifest["source"]["kind"] == "idx" and manifest["image_format"] == "png"
+    assert [s["num_samples"] for s in manifest["shards"]] == [64, 64, 42]
+    seen = set()
+    for record in records.values():
+        meta = json.loads(record["json"])
+        start = 0 if meta["split"] == "train" else 120
+        expected_file = "train-images-idx3-ubyte.gz" if start == 0 else "t10k-images-idx3-ubyte"
+        assert meta["source"] == expected_file
+        image = np.asarray(Image.open(io.BytesIO(record["png"])))
+        assert np.array_equal(image, pixels[start + meta["index"]])
+        assert int(record["cls"]) == labels[start + meta["index"]]
+        seen.add((meta["split"], meta["index"]))
+    assert len(seen) == 170 and {s for s, _ in seen} == {"train", "test"}
+    assert "ONE source" in caplog.text  # says how to keep the official split
+
+
+def test_idx_images_file_is_one_pair_with_digit_names(tmp_path):
+    root = tmp_path / "digits-idx"
+    write_idx_pair(root, "train", 0, 100)
+    write_idx_pair(root, "t10k", 100, 30)
+    images = root / "t10k-images-idx3-ubyte.gz"
+
+    assert detect_kind(images) == "idx"
+    shard(images, "--out", tmp_path / "test", "--image-format", "jpg")
+    manifest, records = read_set(tmp_path / "test")
+
+    assert manifest["num_samples"] == 30 and manifest["name"] == "digits-idx-test"
+    assert manifest["class_names"] == [str(d) for d in range(10)]
+    assert manifest["image_format"] == "jpg"
+    assert all(json.loads(r["json"])["split"] == "test" for r in records.values())
+
+
+def test_idx_folder_with_val_fraction_splits_like_other_kinds(tmp_path):
+    root = tmp_path / "mnist"
+    write_idx_pair(root, "train", 0, 200, gz=False)
+    shard(root, "--kind", "idx", "--out", tmp_path / "out", "--val-fraction", "0.2")
+    train, _ = read_set(tmp_path / "out" / "train")
+    val, _ = read_set(tmp_path / "out" / "val")
+    _, labels = digit_pixels()
+
+    expected_val = [round(n * 0.2) for n in np.bincount(labels[:200], minlength=10)]
+    assert val["class_counts"] == expected_val
+    assert train["num_samples"] + val["num_samples"] == 200
+
+
+def bad_idx_inputs(tmp: Path) -> dict[str, tuple[list, str]]:
+    """name: (argv before --out, a regex the error message must match)."""
+    pixels, labels = digit_pixels()
+    write_idx(tmp / "count" / "x-images-idx3-ubyte.gz", pixels[:20])
+    write_idx(tmp / "count" / "x-labels-idx1-ubyte.gz", labels[:19])
+    write_idx(tmp / "magic" / "x-images-idx3-ubyte.gz", pixels[:5])
+    write_idx(tmp / "magic" / "x-labels-idx1-ubyte.gz", pixels[:5])  # images where labels go
+    write_idx(tmp / "short" / "x-images-idx3-ubyte", pixels[:5], gz=False)
+    write_idx(tmp / "short" / "x-labels-idx1-ubyte", labels[:5], gz=False)
+    write_idx(tmp / "cut" / "x-images-idx3-ubyte", pixels[:5], gz=False)
+    write_idx(tmp / "cut" / "x-labels-idx1-ubyte", labels[:5], gz=False)
+    whole = (tmp / "cut" / "x-images-idx3-ubyte").read_bytes()
+    (tmp / "cut" / "x-images-idx3-ubyte").write_bytes(whole[:-10])
+    write_idx(tmp / "alone" / "x-images-idx3-ubyte.gz", pixels[:5])
+    write_idx(tmp / "gz" / "x-images-idx3-ubyte.gz", pixels[:5])
+    (tmp / "gz" / "x-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0" * 20)[:-6])
+    (tmp / "other.bin").write_bytes(b"\0" * 16)
+    return {
+        "count mismatch": ([tmp / "count"], "holds 20 images but .* holds 19 labels"),
+        "bad magic": ([tmp / "magic"], "magic number 0x00000803, not 0x00000801"),
+        "truncated": ([tmp / "cut"], r"header gives dimensions \(5, 8, 8\), 320 .* 310"),
+        "no labels file": ([tmp / "alone"], "has no labels file beside it"),
+        "broken gzip": ([tmp / "gz"], "cannot read idx file"),
+        "too few names": (
+            [tmp / "short" / "x-images-idx3-ubyte", "--class-names", "a,b"],
+            "go up to 4, beyond the 2",
+        ),
+        "not an idx name": ([tmp / "other.bin", "--kind", "idx"], "is not named <part>-images"),
+        "no idx files": ([tmp / "empty", "--kind", "idx"], "holds no <part>-images-idx3"),
+    }
+
+
+BAD_IDX_CASES = [
+    "count mismatch",
+    "bad magic",
+    "truncated",
+    "no labels file",
+    "broken gzip",
+    "too few names",
+    "not an idx name",
+    "no idx files",
+]
+
+
+@pytest.mark.parametrize("case", BAD_IDX_CASES)
+def test_bad_idx_input_is_a_config_error(case, tmp_path):
+    (tmp_path / "empty").mkdir()
+    argv, message = bad_idx_inputs(tmp_path)[case]
+    with pytest.raises(ConfigError, match=message):
+        shard(*argv, "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ---- shard limits, names and keys
 
 
@@ -464,7 +605,7 @@ def bad_inputs(tmp: Path, crop: np.ndarray) -> dict[str, tuple[list, str]]:
         "extra class folder": ([tmp / "two", "--class-names", "cat"], r"\['dog'\] that are not"),
         "no label dirs": ([tmp / "two", "--kind", "cnndetection"], "no 0_real or 1_fake"),
         "unknown embedded": (["embedded:cats"], "choose one of embedded:faces"),
-        "format for files": ([tmp / "two", "--image-format", "jpg"], "embedded sets only"),
+        "format for files": ([tmp / "two", "--image-format", "jpg"], "embedded sets and idx"),
         "kind for embedded": (["embedded:faces", "--kind", "folder"], "--kind folder cannot"),
         "classes for embedded": (["embedded:digits", "--class-names", "a,b"], "fixed"),
     }

@@ -1,7 +1,7 @@
 """Train and eval loaders: each rank reads its own shards, one reader per worker.
 
 Per reader: its shard slices (split.py) -> tar samples (webdataset's tar
-stages on a file opened here), only wanted members ->
+stages on a stream opened by shards.open_shard), only wanted members ->
 shuffle of ENCODED samples (bounded memory, C-11) -> decode -> transform ->
 batch. A torch DataLoader runs one reader per worker process (batch_size=None,
 the readers batch themselves). This loader is not handed to accelerate's
@@ -9,11 +9,17 @@ the readers batch themselves). This loader is not handed to accelerate's
 
 Training follows the remainder rule of split.py: every reader yields exactly
 its quota of full batches, so every rank yields exactly steps_per_epoch batches
-(C-12, C-13). Randomness (shard order, shuffle buffer, augmentation) comes from
-generators seeded with (seed, epoch, rank, worker): a run repeats, epochs differ.
+(C-12, C-13). The quota is cut after decoding, so skipped bad samples are made
+up by reading on. Randomness (shard order, shuffle buffer, augmentation) comes
+from generators seeded with (seed, epoch, rank, worker): a run repeats.
+
+Bad data (decode.py's policy): each reader counts what it skips in a Tally and
+sends the change with every batch under "counts"; the loader, in the main
+process, removes it from the batch, sums it (`bad_counts()`) and stops the run
+when the rank's bad share passes data.max_bad_fraction.
 
 Batch legend: B batch, S image side. {"image": float32 [B,3,S,S],
-"label": int64 [B], "key": list[str] of B}.
+"label": int64 [B] (or float32, by label format), "key": list[str] of B}.
 """
 
 from __future__ import annotations
@@ -22,23 +28,36 @@ import itertools
 import logging
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline.config import DataConfig
-from pipeline.data.decode import DecodedSample, decode_samples, wanted_member
-from pipeline.data.shards import ShardSet
+from pipeline.config import ConfigError, DataConfig
+from pipeline.data.decode import (
+    BadCounts,
+    BadDataError,
+    BadDataPolicy,
+    DecodedSample,
+    DraftTarget,
+    Tally,
+    build_draft_target,
+    decode_samples,
+)
+from pipeline.data.labels import collate_labels
+from pipeline.data.shards import SHARD_ERRORS, ShardSet, error_text, tar_samples
 from pipeline.data.split import (
     ReaderPlan,
     ShardSlice,
     plan_eval,
+    plan_resampled_epoch,
     plan_train_epoch,
     seeded_rng,
     steps_per_epoch,
+    train_summary,
 )
 from pipeline.data.transforms import build_eval_transform, build_train_transform
 
@@ -47,8 +66,31 @@ log = logging.getLogger(__name__)
 Batch = dict[str, Any]
 
 
-class ShardReadError(RuntimeError):
-    """Shards yield no samples although their manifest lists some."""
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a reader reads, decodes and judges samples; sent to worker processes."""
+
+    num_classes: int
+    label_format: str
+    image_size: int
+    on_bad_sample: str
+    draft: DraftTarget | None
+    cache_dir: Path | None
+    fetch_timeout_s: float
+    checksums: dict[str, str | None]
+
+
+def build_read_options(data_cfg: DataConfig, shard_set: ShardSet, train: bool) -> ReadOptions:
+    return ReadOptions(
+        num_classes=shard_set.num_classes,
+        label_format=shard_set.label_format,
+        image_size=data_cfg.image_size,
+        on_bad_sample=data_cfg.on_bad_sample,
+        draft=build_draft_target(data_cfg, train),
+        cache_dir=data_cfg.cache_dir,
+        fetch_timeout_s=data_cfg.fetch_timeout_s,
+        checksums={shard.url: shard.sha256 for shard in shard_set.shards},
+    )
 
 
 class TrainLoader:
@@ -65,6 +107,8 @@ class TrainLoader:
             shard_set.num_samples, world_size, data_cfg.batch_size
         )
         self.transform = build_train_transform(data_cfg)
+        self.options = build_read_options(data_cfg, shard_set, train=True)
+        self.counts = BadCounts(data_cfg, f"rank {rank} train")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,6 +117,13 @@ class TrainLoader:
 
     def plans(self, epoch: int) -> list[ReaderPlan]:
         """What each of this rank's readers reads in `epoch`."""
+        if self.data_cfg.resampled:
+            return plan_resampled_epoch(
+                self.shard_set.shards,
+                world_size=self.world_size,
+                num_readers=self.num_readers,
+                batch_size=self.data_cfg.batch_size,
+            )
         return plan_train_epoch(
             self.shard_set.shards,
             rank=self.rank,
@@ -83,14 +134,30 @@ class TrainLoader:
             epoch=epoch,
         )
 
+    def bad_counts(self) -> dict[str, int]:
+        """This rank's totals so far: good, bad, bad_shards, small (see decode.Tally)."""
+        return dict(self.counts.total)
+
+    def epoch_counts(self) -> dict[str, int]:
+        """This rank's counts in the latest (or current) epoch."""
+        return dict(self.counts.epoch)
+
     def __len__(self) -> int:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[Batch]:
         stream = _TrainStream(self, self.plans(self.epoch), self.epoch)
+        needed = self.steps_per_epoch * self.data_cfg.batch_size
+        self.counts.start_epoch(needed, read_once=False)
         count = 0
         for batch in _data_loader(stream, self.data_cfg.num_workers):
+            self.counts.add(batch.pop("counts"))
+            if "image" not in batch:
+                continue  # a reader's closing counts
             count += 1
+            if count == self.steps_per_epoch:
+                # Callers stop after the last step, so the code after it may never run
+                self.counts.log_epoch(self.data_cfg.image_size)
             yield batch
         if count != self.steps_per_epoch:
             # Unequal counts would hang DDP on the other ranks: stop loudly instead
@@ -108,7 +175,8 @@ class _TrainStream(IterableDataset):
         self.seed_parts = (loader.seed, epoch, loader.rank)
         self.batch_size = loader.data_cfg.batch_size
         self.shuffle_buffer = loader.data_cfg.shuffle_buffer
-        self.num_classes = loader.shard_set.num_classes
+        self.resampled = loader.data_cfg.resampled
+        self.options = loader.options
         self.transform = loader.transform
 
     def __iter__(self) -> Iterator[Batch]:
@@ -116,17 +184,18 @@ class _TrainStream(IterableDataset):
         plan = self.plans[worker]
         parts = (*self.seed_parts, worker)
         buffer_size = min(self.shuffle_buffer, plan.num_samples)
-        encoded = _passes(plan.slices, buffer_size, seeded_rng(*parts, "shuffle"))
-        decoded = decode_samples(encoded, self.num_classes)
-        # Cut after decoding, so a future skip policy still fills the quota
-        decoded = itertools.islice(decoded, plan.quota_batches * self.batch_size)
+        reader = _Reader(self.options)
+        source = reader.resampled if self.resampled else reader.passes
+        encoded = source(plan.slices, buffer_size, seeded_rng(*parts, "shuffle"))
+        # Cut after decoding, so skipped samples are made up by reading on
+        decoded = itertools.islice(reader.decode(encoded), plan.quota_batches * self.batch_size)
         augment_rng = seeded_rng(*parts, "augment")
         tensors = ((s, self.transform(s.image, augment_rng)) for s in decoded)
-        return _batches(tensors, self.batch_size, keep_partial=False)
+        return reader.batches(tensors, self.batch_size, keep_partial=False)
 
 
 class EvalLoader:
-    """Every sample of the set exactly once over all ranks and workers, in order."""
+    """Every readable sample of the set exactly once over all ranks and workers."""
 
     def __init__(
         self,
@@ -138,9 +207,11 @@ class EvalLoader:
         batch_size: int | None = None,
     ):
         self.num_workers = data_cfg.num_workers
+        self.image_size = data_cfg.image_size
         self.batch_size = batch_size or data_cfg.batch_size
-        self.num_classes = shard_set.num_classes
         self.transform = build_eval_transform(data_cfg)
+        self.options = build_read_options(data_cfg, shard_set, train=False)
+        self.counts = BadCounts(data_cfg, f"rank {rank} eval")
         self.plans = plan_eval(
             shard_set.shards,
             rank=rank,
@@ -151,26 +222,147 @@ class EvalLoader:
         self.num_samples = sum(plan.num_samples for plan in self.plans)
         self.num_batches = sum(-(-p.num_samples // self.batch_size) for p in self.plans)
 
+    def bad_counts(self) -> dict[str, int]:
+        """This rank's totals over every pass so far; `bad` samples were not scored."""
+        return dict(self.counts.total)
+
+    def epoch_counts(self) -> dict[str, int]:
+        """This rank's counts in the latest pass over the set."""
+        return dict(self.counts.epoch)
+
     def __len__(self) -> int:
+        """Batches if no sample is skipped; skipped ones can make it fewer."""
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(_data_loader(_EvalStream(self), self.num_workers))
+        self.counts.start_epoch(self.num_samples, read_once=True)
+        for batch in _data_loader(_EvalStream(self), self.num_workers):
+            self.counts.add(batch.pop("counts"))
+            if "image" in batch:
+                yield batch
+        self.counts.log_epoch(self.image_size)
 
 
 class _EvalStream(IterableDataset):
     def __init__(self, loader: EvalLoader):
         self.plans = loader.plans
         self.batch_size = loader.batch_size
-        self.num_classes = loader.num_classes
+        self.options = loader.options
         self.transform = loader.transform
 
     def __iter__(self) -> Iterator[Batch]:
         plan = self.plans[_worker_index(len(self.plans))]
-        encoded = itertools.chain.from_iterable(_read_slice(p) for p in plan.slices)
-        decoded = decode_samples(encoded, self.num_classes)
-        tensors = ((s, self.transform(s.image)) for s in decoded)
-        return _batches(tensors, self.batch_size, keep_partial=True)
+        reader = _Reader(self.options)
+        encoded = itertools.chain.from_iterable(reader.read(p) for p in plan.slices)
+        tensors = ((s, self.transform(s.image)) for s in reader.decode(encoded))
+        return reader.batches(tensors, self.batch_size, keep_partial=True)
+
+
+class _Reader:
+    """The stages of one reader (one worker), with its Tally and bad-data policy."""
+
+    def __init__(self, options: ReadOptions):
+        self.options = options
+        self.tally = Tally()
+        self.policy = BadDataPolicy(options.on_bad_sample, self.tally)
+
+    def read(self, piece: ShardSlice) -> Iterator[dict[str, Any]]:
+        """Encoded samples of one shard slice; a shard that fails goes to the policy."""
+        count = 0
+        try:
+            opts = self.options
+            samples = tar_samples(
+                piece.url, opts.cache_dir, opts.fetch_timeout_s, opts.checksums.get(piece.url)
+            )
+            # Stop at the manifest's count: a longer shard must not add samples
+            stop = piece.shard_samples
+            for sample in itertools.islice(samples, piece.offset, stop, piece.stride):
+                count += 1
+                yield sample
+        except ConfigError:
+            raise
+        except SHARD_ERRORS as error:
+            missing = piece.num_samples - count
+            self.policy.shard_failed(piece.url, error_text(error), missing)
+            return
+        if count < piece.num_samples:
+            # A tar cut at a member boundary ends quietly: only the count tells
+            reason = f"ended after {count} of its {piece.num_samples} samples (truncated?)"
+            self.policy.shard_failed(piece.url, reason, piece.num_samples - count)
+
+    def decode(self, encoded: Iterable[dict[str, Any]]) -> Iterator[DecodedSample]:
+        opts = self.options
+        for sample in decode_samples(
+            encoded, opts.num_classes, opts.label_format, self.policy, opts.draft
+        ):
+            self.tally.good += 1
+            if min(sample.image.size) < opts.image_size:
+                self.tally.small += 1
+            yield sample
+
+    def passes(
+        self, slices: Sequence[ShardSlice], buffer_size: int, rng: random.Random
+    ) -> Iterator[dict[str, Any]]:
+        """Pass after pass over the slices, each in a new shard order and shuffled.
+
+        Passes after the first are the top-up. Each pass is shuffled on its own,
+        so a repeat never leaves before every sample of the pass before it has.
+        """
+        while True:
+            order = list(slices)
+            rng.shuffle(order)
+            good_before = self.tally.good
+            encoded = itertools.chain.from_iterable(self.read(p) for p in order)
+            yield from _shuffle(encoded, buffer_size, rng)
+            # Each pass drains its buffer, so its samples are decoded by now
+            if self.tally.good == good_before:
+                self._no_progress([piece.url for piece in order], "a whole pass")
+
+    def resampled(
+        self, slices: Sequence[ShardSlice], buffer_size: int, rng: random.Random
+    ) -> Iterator[dict[str, Any]]:
+        """Shards drawn with replacement, weighted by their sample counts."""
+        return _shuffle(self._draws(slices, buffer_size, rng), buffer_size, rng)
+
+    def _draws(
+        self, slices: Sequence[ShardSlice], buffer_size: int, rng: random.Random
+    ) -> Iterator[dict[str, Any]]:
+        weights = [piece.num_samples for piece in slices]
+        # Filling the buffer takes up to buffer_size draws before anything decodes
+        patience = buffer_size + 10 * len(slices)
+        idle, good = 0, self.tally.good
+        while True:
+            yield from self.read(rng.choices(slices, weights)[0])
+            idle = 0 if self.tally.good > good else idle + 1
+            good = self.tally.good
+            if idle > patience:
+                self._no_progress([piece.url for piece in slices], f"{idle} shard draws")
+
+    def _no_progress(self, urls: list[str], span: str) -> None:
+        # Without this, a reader whose every sample is bad would read forever
+        raise BadDataError(
+            f"shards {urls[:5]}{' ...' if len(urls) > 5 else ''} gave no usable sample "
+            f"in {span} ({self.tally.bad} bad; last: {self.tally.last_bad or 'none'}); "
+            "check them with `pipeline verify SHARDS --deep`"
+        )
+
+    def batches(
+        self, items: Iterable[tuple[DecodedSample, torch.Tensor]], batch_size: int,
+        keep_partial: bool,
+    ) -> Iterator[Batch]:
+        """Batches with this reader's count changes; a closing counts-only item."""
+        items = iter(items)
+        while chunk := list(itertools.islice(items, batch_size)):
+            if len(chunk) < batch_size and not keep_partial:
+                break
+            yield {
+                "image": torch.stack([image for _, image in chunk]),
+                "label": collate_labels([s.label for s, _ in chunk], self.options.label_format),
+                "key": [s.key for s, _ in chunk],
+                "counts": self.tally.take(),
+            }
+        if self.tally.pending():
+            yield {"counts": self.tally.take()}
 
 
 def build_train_loader(
@@ -221,40 +413,6 @@ def _worker_index(num_plans: int) -> int:
     return worker
 
 
-def _read_slice(piece: ShardSlice) -> Iterator[dict[str, Any]]:
-    """Encoded samples of one shard slice; unwanted tar members are never read."""
-    return itertools.islice(_tar_samples(piece.url), piece.offset, None, piece.stride)
-
-
-def _tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    # Opened here as a plain file, not by webdataset's gopen, which would run
-    # a shard named "pipe:..." as a shell command
-    with open(path, "rb") as stream:
-        source = [{"url": path, "stream": stream}]
-        yield from group_by_keys(tar_file_expander(source, select_files=wanted_member))
-
-
-def _passes(
-    slices: Sequence[ShardSlice], buffer_size: int, rng: random.Random
-) -> Iterator[dict[str, Any]]:
-    """Pass after pass over the slices, each in a new shard order and shuffled.
-
-    Passes after the first are the top-up. Each pass is shuffled on its own, so
-    a repeat never leaves before every sample of the pass before it has.
-    """
-    while True:
-        order = list(slices)
-        rng.shuffle(order)
-        encoded = itertools.chain.from_iterable(_read_slice(p) for p in order)
-        count = 0
-        for sample in _shuffle(encoded, buffer_size, rng):
-            count += 1
-            yield sample
-        if count == 0:
-            urls = [piece.url for piece in order]
-            raise ShardReadError(f"shards {urls} yielded no samples; check or rewrite them")
-
-
 def _shuffle(samples: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
     if buffer_size <= 1:
         return samples
@@ -263,22 +421,7 @@ def _shuffle(samples: Iterator, buffer_size: int, rng: random.Random) -> Iterato
     return wds_shuffle(buffer_size, initial=buffer_size, rng=rng)(samples)
 
 
-def _batches(
-    items: Iterable[tuple[DecodedSample, torch.Tensor]], batch_size: int, keep_partial: bool
-) -> Iterator[Batch]:
-    items = iter(items)
-    while chunk := list(itertools.islice(items, batch_size)):
-        if len(chunk) < batch_size and not keep_partial:
-            return
-        yield {
-            "image": torch.stack([image for _, image in chunk]),
-            "label": torch.tensor([s.label for s, _ in chunk], dtype=torch.int64),
-            "key": [s.key for s, _ in chunk],
-        }
-
-
 def _log_train_plan(loader: TrainLoader) -> None:
-    cfg, shards = loader.data_cfg, loader.shard_set
     plans = loader.plans(0)
     log.debug(
         "rank %d epoch 0 reads %s samples per worker, quotas %s batches",
@@ -286,35 +429,6 @@ def _log_train_plan(loader: TrainLoader) -> None:
         [p.num_samples for p in plans],
         [p.quota_batches for p in plans],
     )
-    if loader.rank != 0:
-        return
-    used = loader.steps_per_epoch * cfg.batch_size * loader.world_size
-    log.info(
-        "train: %d samples in %d shards, %d rank(s) x batch %d -> %d steps per epoch "
-        "(%d samples per epoch). Each reader yields its quota of full batches: surplus "
-        "samples are dropped (different ones each epoch), a shortfall is topped up by "
-        "re-reading its own shards reshuffled.",
-        shards.num_samples,
-        len(shards.shards),
-        loader.world_size,
-        cfg.batch_size,
-        loader.steps_per_epoch,
-        used,
-    )
-    _log_buffer_memory(cfg, shards)
-
-
-def _log_buffer_memory(cfg: DataConfig, shards: ShardSet) -> None:
-    sizes = [entry.get("bytes", 0) for entry in shards.manifest.get("shards", [])]
-    if not sizes or not shards.num_samples:
-        return
-    mean_bytes = sum(sizes) / shards.manifest.get("num_samples", shards.num_samples)
-    per_rank = cfg.shuffle_buffer * max(1, cfg.num_workers) * mean_bytes
-    log.info(
-        "shuffle buffers hold about %.1f MiB of encoded samples per rank "
-        "(%d x %d worker(s) x %.0f KiB)",
-        per_rank / 2**20,
-        cfg.shuffle_buffer,
-        max(1, cfg.num_workers),
-        mean_bytes / 1024,
-    )
+    if loader.rank == 0:
+        for line in train_summary(loader.shard_set, loader.data_cfg, loader.world_size):
+            log.info("%s", line)

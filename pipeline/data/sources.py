@@ -1,4 +1,4 @@
-"""Inputs the shard writer reads: image folders, CNNDetection trees, list files, demo sets.
+"""Inputs the shard writer reads: image folders, CNNDetection trees, lists, idx files, demo sets.
 
 Every kind is opened into a `Source`: the class names, one label per sample and a
 function that loads sample `i` as a `ShardSample`. Labels are known before any
@@ -9,12 +9,16 @@ Kinds (`--kind`, detected from the path when `auto`):
   folder        root/<class_name>/**/<image>; class names sorted
   cnndetection  root/[<category>/...]0_real/<image> and .../1_fake/<image>
   list          a .csv (header with path,label) or .jsonl ({"path": ..., "label": ...})
+  idx           MNIST-style <part>-images-idx3-ubyte[.gz] + <part>-labels-idx1-ubyte[.gz]
+                pairs: a folder (every pair, train then t10k, as one source) or one
+                images file (that pair only); pixels are encoded as PNG (or --image-format)
   embedded      embedded:faces (scikit-image's LFW crops), embedded:digits (scikit-learn)
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import importlib.util
 import io
 import json
@@ -22,6 +26,7 @@ import logging
 import math
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +39,7 @@ from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-SOURCE_KINDS = ("folder", "cnndetection", "list")
+SOURCE_KINDS = ("folder", "cnndetection", "list", "idx")
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SETS = ("faces", "digits")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -42,6 +47,14 @@ PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 LIST_SUFFIXES = (".csv", ".jsonl")
 CNNDETECTION_CLASSES = ["real", "fake"]
 _LABEL_DIR = re.compile(r"^([01])_")
+IDX_IMAGES = re.compile(r"^(?P<part>.+)-images-idx3-ubyte(?:\.gz)?$")
+IDX_IMAGES_MAGIC = 0x00000803  # uint8 data, 3 dimensions: count, rows, columns
+IDX_LABELS_MAGIC = 0x00000801  # uint8 data, 1 dimension: count
+IDX_PART_NAMES = {"train": "train", "t10k": "test"}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
 
 
 @dataclass
@@ -50,7 +63,7 @@ class ShardSample:
 
     image: bytes
     image_ext: str
-    label: int
+    label: int | list[int]  # a class index, or a 0/1 vector (one-hot or multi-hot)
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,7 +88,7 @@ class Source:
 @dataclass(frozen=True)
 class _FileItem:
     path: Path
-    label: int
+    label: int | list[int]  # a class index, or a 0/1 vector (one-hot or multi-hot)
     meta: dict[str, Any]
 
 
@@ -87,17 +100,12 @@ def open_source(
 ) -> Source:
     """Open `spec` (a path or `embedded:NAME`) as a Source; raise ConfigError if unusable.
 
-    `image_format` (png or jpg) only applies to embedded arrays; `class_names` fixes
-    the names and their order for folder and list inputs.
+    `image_format` (png or jpg) only applies to embedded arrays and idx files;
+    `class_names` fixes the names and their order for folder, list and idx inputs.
     """
     if spec.startswith(EMBEDDED_PREFIX):
         _refuse_options("an embedded set", spec, kind=kind, class_names=class_names)
         return open_embedded(spec.removeprefix(EMBEDDED_PREFIX), image_format or "png")
-    if image_format is not None:
-        raise ConfigError(
-            f"--image-format {image_format} applies to embedded sets only; the images "
-            f"of {spec!r} are stored as their original bytes, so leave it out"
-        )
     path = Path(spec).expanduser()
     if not path.exists():
         raise ConfigError(
@@ -105,6 +113,13 @@ def open_source(
             f"or one of {', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_SETS)}"
         )
     kind = detect_kind(path) if kind == "auto" else kind
+    if kind == "idx":
+        return open_idx(path, class_names, image_format or "png")
+    if image_format is not None:
+        raise ConfigError(
+            f"--image-format {image_format} applies to embedded sets and idx files only; "
+            f"the images of {spec!r} are stored as their original bytes, so leave it out"
+        )
     if kind == "folder":
         return _folder_source(path, class_names)
     if kind == "cnndetection":
@@ -126,15 +141,19 @@ def _refuse_options(what: str, spec: str, kind: str = "auto", class_names=None) 
 
 
 def detect_kind(path: Path) -> str:
-    """`list` for a .csv/.jsonl file, `cnndetection` if 0_real/1_fake folders sit
-    within three levels, else `folder`."""
+    """`list` for a .csv/.jsonl file, `idx` for an idx images file or a folder holding
+    some, `cnndetection` if 0_real/1_fake folders sit within three levels, else `folder`."""
     if path.is_file():
         if path.suffix.lower() in LIST_SUFFIXES:
             return "list"
+        if IDX_IMAGES.match(path.name):
+            return "idx"
         raise ConfigError(
             f"input file {str(path)!r} is not a list file; give a {'/'.join(LIST_SUFFIXES)} "
-            "file, or the folder that holds the images"
+            "file, an idx images file, or the folder that holds the images"
         )
+    if _idx_images_files(path):
+        return "idx"
     return "cnndetection" if _has_label_dirs(path, depth=3) else "folder"
 
 
@@ -397,6 +416,179 @@ def _check_image(path: Path, data: bytes) -> None:
         raise ConfigError(
             f"{str(path)!r} is not a readable image ({err}); delete or replace it"
         ) from None
+
+
+# ---- idx: MNIST-style <part>-images-idx3-ubyte[.gz] + <part>-labels-idx1-ubyte[.gz]
+
+
+@dataclass(frozen=True)
+class _IdxPart:
+    name: str  # train, test (from t10k), or the file name's prefix
+    images_file: Path
+    pixels_NHW: np.ndarray
+    labels_N: np.ndarray
+
+
+def open_idx(path: Path, class_names: list[str] | None, image_format: str = "png") -> Source:
+    """Open one idx images file (with its labels file), or every pair in a folder.
+
+    A folder's pairs become one source, train first; each sample's metadata names
+    its file, index and split. Raises ConfigError for a missing labels file, a bad
+    header, a truncated file, or unequal image and label counts.
+    """
+    if image_format not in ("png", "jpg"):
+        raise ConfigError(f"--image-format {image_format!r} is not png or jpg")
+    parts = [_read_idx_pair(images_file) for images_file in _idx_inputs(path)]
+    folder = path.parent if path.is_file() else path
+    labels_N = np.concatenate([part.labels_N for part in parts])
+    names = _idx_class_names(folder, labels_N, class_names)
+    where = [(part, i) for part in parts for i in range(len(part.labels_N))]
+    if len(parts) > 1:
+        _log_idx_parts(path, parts)
+
+    def load(i: int) -> ShardSample:
+        part, index = where[i]
+        meta = {"source": part.images_file.name, "index": index, "split": part.name}
+        image = encode_image(part.pixels_NHW[index], image_format)
+        return ShardSample(image, image_format, int(part.labels_N[index]), meta)
+
+    name = folder.resolve().name + ("" if path.is_dir() else f"-{parts[0].name}")
+    return Source("idx", str(path.resolve()), name, names, labels_N.tolist(), load)
+
+
+def _idx_inputs(path: Path) -> list[Path]:
+    if path.is_file():
+        if not IDX_IMAGES.match(path.name):
+            raise ConfigError(
+                f"{str(path)!r} is not named <part>-images-idx3-ubyte[.gz]; give the images "
+                "file of a pair (its labels file is found beside it) or their folder"
+            )
+        return [path]
+    files = _idx_images_files(path)
+    if not files:
+        raise ConfigError(
+            f"folder {str(path)!r} holds no <part>-images-idx3-ubyte[.gz] file; --kind idx "
+            "needs images files with <part>-labels-idx1-ubyte[.gz] beside them"
+        )
+    parts = [IDX_IMAGES.match(f.name)["part"] for f in files]
+    twice = sorted({p for p in parts if parts.count(p) > 1})
+    if twice:
+        raise ConfigError(
+            f"folder {str(path)!r} holds the idx images of {twice} twice (gzip'd and not); "
+            "keep one of each"
+        )
+    return files
+
+
+def _idx_images_files(folder: Path) -> list[Path]:
+    """idx images files directly in `folder`: train first, then t10k, then the rest."""
+    files = [p for p in _visible(folder) if p.is_file() and IDX_IMAGES.match(p.name)]
+    order = list(IDX_PART_NAMES)
+
+    def rank(file: Path) -> tuple[int, str]:
+        part = IDX_IMAGES.match(file.name)["part"]
+        return (order.index(part) if part in order else len(order), file.name)
+
+    return sorted(files, key=rank)
+
+
+def _read_idx_pair(images_file: Path) -> _IdxPart:
+    prefix = IDX_IMAGES.match(images_file.name)["part"]
+    labels_file = _idx_labels_file(images_file, prefix)
+    pixels_NHW = read_idx(images_file, IDX_IMAGES_MAGIC)
+    labels_N = read_idx(labels_file, IDX_LABELS_MAGIC)
+    if len(pixels_NHW) != len(labels_N):
+        raise ConfigError(
+            f"{str(images_file)!r} holds {len(pixels_NHW)} images but {str(labels_file)!r} "
+            f"holds {len(labels_N)} labels; the two files of a pair must have equal counts"
+        )
+    if 0 in pixels_NHW.shape:
+        raise ConfigError(
+            f"{str(images_file)!r} holds no pixels (shape {pixels_NHW.shape}); "
+            "remove it or give another file"
+        )
+    return _IdxPart(IDX_PART_NAMES.get(prefix, prefix), images_file, pixels_NHW, labels_N)
+
+
+def _idx_labels_file(images_file: Path, prefix: str) -> Path:
+    stem = f"{prefix}-labels-idx1-ubyte"
+    suffixes = (".gz", "") if images_file.suffix == ".gz" else ("", ".gz")
+    for suffix in suffixes:
+        candidate = images_file.with_name(stem + suffix)
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"idx images file {str(images_file)!r} has no labels file beside it; "
+        f"expected {stem}.gz or {stem} in the same folder"
+    )
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """The uint8 array of an idx file (gzip'd or not) whose header must hold `magic`.
+
+    Raises ConfigError for another magic number, a truncated file or trailing bytes.
+    """
+    data = _read_idx_bytes(path)
+    found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if found != magic:
+        shown = "none (under 4 bytes)" if found is None else f"0x{found:08x}"
+        raise ConfigError(
+            f"{str(path)!r} has magic number {shown}, not 0x{magic:08x} (uint8, "
+            f"{magic & 0xFF} dimension(s)); is it the right file of the pair?"
+        )
+    ndim = magic & 0xFF
+    header_bytes = 4 + 4 * ndim
+    dims_raw = data[4:header_bytes]
+    dims = tuple(int(d) for d in np.frombuffer(dims_raw[: len(dims_raw) // 4 * 4], ">u4"))
+    body_bytes = len(data) - header_bytes
+    if len(dims) != ndim or body_bytes != math.prod(dims):
+        raise ConfigError(
+            f"{str(path)!r} is damaged: its header gives dimensions {dims}, "
+            f"{math.prod(dims) if len(dims) == ndim else '?'} bytes of data, but "
+            f"{max(body_bytes, 0)} follow; get the file again"
+        )
+    return np.frombuffer(data, np.uint8, offset=header_bytes).reshape(dims)
+
+
+def _read_idx_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+        # Told by content, not by name: a plain file named .gz still reads
+        return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    except (OSError, EOFError, zlib.error) as err:
+        raise ConfigError(f"cannot read idx file {str(path)!r}: {err}") from None
+
+
+def _idx_class_names(
+    folder: Path, labels_N: np.ndarray, class_names: list[str] | None
+) -> list[str]:
+    """--class-names, else Fashion-MNIST's names for a folder named *fashion*, else 0..9."""
+    top = int(labels_N.max())
+    if class_names:
+        names = list(class_names)
+    elif "fashion" in folder.resolve().name.lower():
+        names = list(FASHION_MNIST_CLASSES)
+    else:
+        names = [str(i) for i in range(max(10, top + 1))]
+    if top >= len(names):
+        raise ConfigError(
+            f"idx labels in {str(folder)!r} go up to {top}, beyond the {len(names)} "
+            f"classes {names}; fix --class-names"
+        )
+    return names
+
+
+def _log_idx_parts(path: Path, parts: list[_IdxPart]) -> None:
+    sizes = ", ".join(f"{part.name} {len(part.labels_N)}" for part in parts)
+    log.warning(
+        "%s holds idx pairs (%s): they become ONE source, the split kept only in each "
+        "sample's metadata; to keep the official split, shard each images file on its "
+        "own, e.g. `pipeline shard %s --out OUT/%s`",
+        path,
+        sizes,
+        parts[0].images_file,
+        parts[0].name,
+    )
 
 
 # ---- embedded demo sets, read from the installed packages

@@ -24,18 +24,30 @@ shard order and sample order are reshuffled every epoch, so a different
 remainder is dropped each time. A reader that holds fewer tops up by reading its
 own shards again, reshuffled. Equal step counts on every rank are what keep DDP
 from hanging at the end of an epoch when shards are unequal.
+
+Resampled mode (`data.resampled`). Every reader draws shards from the whole
+set with replacement, weighted by sample count, and yields its quota of the
+same steps_per_epoch. Ranks may then read the same shard in one epoch, and an
+epoch sees some samples twice and others not at all: approximate, by design.
+
+`add_plan_arguments` and `run_plan` are the `pipeline plan` command, which
+shows these plans for a config and world size without reading any shard.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import heapq
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.config import ConfigError
-from pipeline.data.shards import Shard
+from pipeline.config import ConfigError, DataConfig, load_config
+from pipeline.data.shards import Shard, ShardSet, resolve_shards
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -183,3 +195,149 @@ def plan_eval(
     per_rank = assign(whole_shards(shards), world_size, seeded_rng("eval"))
     per_reader = assign(per_rank[rank], num_readers, seeded_rng("eval", rank))
     return [ReaderPlan(tuple(slices)) for slices in per_reader]
+
+
+def plan_resampled_epoch(
+    shards: Sequence[Shard], *, world_size: int, num_readers: int, batch_size: int
+) -> list[ReaderPlan]:
+    """Resampled mode: every reader may draw any shard; the rank's steps split evenly."""
+    total = sum(s.num_samples for s in shards)
+    steps = steps_per_epoch(total, world_size, batch_size)
+    every = tuple(whole_shards(shards))
+    return [ReaderPlan(every, q) for q in batch_quotas(steps, [1] * num_readers)]
+
+
+# ---- the `pipeline plan` command
+
+
+def describe_train_plan(
+    shard_set: ShardSet, cfg: DataConfig, *, world_size: int, seed: int, epoch: int
+) -> list[str]:
+    """Lines saying which shards each rank and worker reads in one training epoch."""
+    readers = max(1, cfg.num_workers)
+    total, batch = shard_set.num_samples, cfg.batch_size
+    steps = steps_per_epoch(total, world_size, batch)
+    lines = [
+        f"train {shard_set.root}: {total} samples in {len(shard_set.shards)} shard(s); "
+        f"{world_size} rank(s) x {readers} worker(s), batch {batch} -> {steps} steps per "
+        f"epoch, {steps * batch * world_size} samples per epoch (epoch {epoch})"
+    ]
+    for rank in range(world_size):
+        lines += _rank_lines(shard_set, cfg, world_size, readers, seed, epoch, rank)
+    return lines
+
+
+def _rank_lines(shard_set, cfg, world_size, readers, seed, epoch, rank) -> list[str]:
+    batch = cfg.batch_size
+    if cfg.resampled:
+        plans = plan_resampled_epoch(
+            shard_set.shards, world_size=world_size, num_readers=readers, batch_size=batch
+        )
+        quotas = [p.quota_batches for p in plans]
+        return [f"rank {rank}: batches per worker {quotas}, shards drawn with replacement "
+                f"from all {len(shard_set.shards)} (data.resampled)"]
+    plans = plan_train_epoch(
+        shard_set.shards, rank=rank, world_size=world_size, num_readers=readers,
+        batch_size=batch, seed=seed, epoch=epoch,
+    )
+    steps = sum(p.quota_batches for p in plans)
+    lines = [f"rank {rank}: {steps} steps from {sum(p.num_samples for p in plans)} samples"]
+    return lines + [_reader_line(w, p, batch) for w, p in enumerate(plans)]
+
+
+def describe_eval_plan(
+    name: str, shard_set: ShardSet, cfg: DataConfig, world_size: int
+) -> list[str]:
+    """Lines saying which samples each rank and worker scores (each exactly once)."""
+    readers = max(1, cfg.num_workers)
+    lines = [f"eval {name} {shard_set.root}: {shard_set.num_samples} samples, each scored once"]
+    for rank in range(world_size):
+        plans = plan_eval(shard_set.shards, rank=rank, world_size=world_size, num_readers=readers)
+        lines.append(f"rank {rank}: {sum(p.num_samples for p in plans)} samples")
+        lines += [_reader_line(w, p, None) for w, p in enumerate(plans)]
+    return lines
+
+
+def _reader_line(worker: int, plan: ReaderPlan, batch_size: int | None) -> str:
+    pieces = " ".join(_slice_text(piece) for piece in plan.slices) or "nothing"
+    if batch_size is None:
+        return f"  worker {worker}: {plan.num_samples} samples: {pieces}"
+    used = plan.quota_batches * batch_size
+    change = used - plan.num_samples
+    note = f"tops up {change}" if change > 0 else f"drops {-change}" if change else "uses all"
+    return (
+        f"  worker {worker}: {plan.quota_batches} batches = {used} of {plan.num_samples} "
+        f"samples ({note}): {pieces}"
+    )
+
+
+def _slice_text(piece: ShardSlice) -> str:
+    name = piece.url.rsplit("/", 1)[-1]
+    if piece.stride == 1 and piece.offset == 0:
+        return f"{name}({piece.num_samples})"
+    return f"{name}[{piece.offset}::{piece.stride}]({piece.num_samples})"
+
+
+def train_summary(shard_set: ShardSet, cfg: DataConfig, world_size: int) -> list[str]:
+    """What the trainer logs at start: steps, the remainder rule, the bad-data policy,
+    and the memory the shuffle buffers take (C-11)."""
+    steps = steps_per_epoch(shard_set.num_samples, world_size, cfg.batch_size)
+    how = (
+        "Shards are drawn with replacement (data.resampled): an epoch is approximate."
+        if cfg.resampled
+        else "Each reader yields its quota of full batches: surplus samples are dropped "
+        "(different ones each epoch), a shortfall is topped up by re-reading its own "
+        "shards reshuffled."
+    )
+    policy = (
+        "strict (the first one stops the run)" if cfg.on_bad_sample == "strict"
+        else f"skipped, counted and logged, at most {cfg.max_bad_fraction:.2%} of a rank's"
+    )
+    lines = [
+        f"train: {shard_set.num_samples} samples in {len(shard_set.shards)} shards, "
+        f"{world_size} rank(s) x batch {cfg.batch_size} -> {steps} steps per epoch "
+        f"({steps * cfg.batch_size * world_size} samples per epoch). {how} "
+        f"Bad samples: {policy}."
+    ]
+    return lines + _buffer_memory(shard_set, cfg)
+
+
+def _buffer_memory(shard_set: ShardSet, cfg: DataConfig) -> list[str]:
+    manifest = shard_set.manifest
+    sizes = [entry.get("bytes", 0) for entry in manifest.get("shards", [])]
+    if not sizes or not shard_set.num_samples:
+        return []
+    mean_bytes = sum(sizes) / manifest.get("num_samples", shard_set.num_samples)
+    workers = max(1, cfg.num_workers)
+    per_rank = cfg.shuffle_buffer * workers * mean_bytes
+    return [
+        f"shuffle buffers hold about {per_rank / 2**20:.1f} MiB of encoded samples per "
+        f"rank ({cfg.shuffle_buffer} x {workers} worker(s) x {mean_bytes / 1024:.0f} KiB)"
+    ]
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="overrides, key.sub=value")
+    parser.add_argument("--world-size", type=int, required=True, help="processes in all")
+    parser.add_argument("--epoch", type=int, default=0, help="epoch whose plan to show")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`pipeline plan`: log the shard assignment; reads manifests, never shards."""
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size {args.world_size} must be at least 1")
+    config = load_config(args.config, args.overrides)
+    if not config.data.train:
+        raise ConfigError("data.train is not set; give the training shard folder")
+    train = resolve_shards(config.data.train, key="data.train")
+    lines = train_summary(train, config.data, args.world_size)
+    lines += describe_train_plan(
+        train, config.data, world_size=args.world_size, seed=config.run.seed, epoch=args.epoch
+    )
+    for name, spec in config.data.eval.items():
+        shards = resolve_shards(spec, key=f"data.eval.{name}")
+        lines += describe_eval_plan(name, shards, config.data, args.world_size)
+    for line in lines:
+        log.info("%s", line)
+    return 0
