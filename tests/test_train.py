@@ -20,7 +20,10 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoint import prune_checkpoints
 from pipeline.config import ConfigError, load_config, save_config
-from pipeline.train import check_resume_compatible
+from pipeline.data.shards import resolve_shards
+from pipeline.losses import HeadLoss
+from pipeline.model import build_model
+from pipeline.train import check_resume_compatible, preflight
 from pipeline.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +106,15 @@ def test_resume_with_another_config_is_refused_with_the_differences(tmp_path):
     assert "train.epochs" not in message and "eval.threshold" not in message
 
 
+def test_a_first_batch_mismatch_is_reported_with_both_shapes(faces_shards):
+    config = load_config(DEMO, ["model.arch=resnet18", "data.image_size=32"])
+    shards = resolve_shards(str(faces_shards / "train"))
+    model = build_model(config.model.model_copy(update={"num_classes": 3}))
+    with pytest.raises(ConfigError, match=r"images \(2, 3, 32, 32\), labels \(2,\)") as err:
+        preflight(config, shards, model, HeadLoss("bce_with_logits", 1))
+    assert "(2, 3)" in str(err.value) and "(2, 1)" in str(err.value)
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     for epoch in range(1, 6):
         (tmp_path / f"epoch-{epoch:04d}").mkdir()
@@ -166,6 +178,13 @@ def test_demo_on_two_processes(tmp_path):
     assert metrics["num_samples"] == 40
     assert metrics["accuracy"] >= 0.90
     assert re.search(r"val\s+40\s+0\.9\d+", evaluated.stderr)
+
+    faces = tmp_path / "faces"
+    two_sets = [*command, "--set", f"held_out={faces / 'val'}", "--set",
+                f"seen={faces / 'train'}"]
+    assert run(two_sets, REPO, 180).returncode == 0
+    table = (run_dir / "eval-epoch-0005-held_out-seen.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in table[1:]] == ["held_out", "seen"]
 
 
 def check_run_folder(run_dir: Path) -> None:
