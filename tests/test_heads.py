@@ -52,13 +52,13 @@ def train(digits_root: Path, out: Path, *overrides: str) -> dict:
             f"data.train={digits_root / 'train'}", f"data.eval.val={digits_root / 'val'}",
             f"run.output_dir={out}", "run.name=heads", "model.arch=resnet18",
             "train.epochs=3", "wandb.mode=disabled", *overrides]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "heads" / "eval_results.json").read_text())["val"]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(450)
+@pytest.mark.timeout(650)
 @pytest.mark.parametrize(
     ("kind", "overrides", "check"),
     [
