@@ -6,14 +6,17 @@
 
 P3       images/s of `train_epoch` (real loader over shards, Accelerate, optimizer,
          scheduler, metrics.jsonl, an offline wandb run, the step line) / images/s of
-         a bare forward/backward/step loop on synthetic tensors: same model, batch,
-         image size and thread count, in the same process, alternating which runs
-         first each round. Steady state: timed from the first batch of the epoch;
-         the epoch column includes starting the loader's workers.
+         a bare forward/backward/step on synthetic tensors: same model, batch, image
+         size and threads, same process. The two are paired step by step (a bare step
+         runs, timed, right after each trainer step, and is taken out of the loop's
+         time), because other jobs change this machine's speed within seconds. Timed
+         from each epoch's first batch; the epoch row includes starting the loader's
+         workers. CPU: CPU seconds per image (this process, loader workers, wandb).
 overlap  the loop with the model step replaced by a sleep emulating an accelerator
          step: it should reach min(loader rate, emulated rate), i.e. loading runs
          while the step runs. Rows: a --step-ms sleep, and a sleep 3x shorter than
-         the loader's batch time (the loader is then the limit).
+         the loader's batch time (the loader is then the limit). The emulated rate
+         is that of the same sleeps alone, measured: a busy machine wakes late.
 
 Data: scikit-learn's bundled digits (8x8, resized up), written as shards; the first
 --shards of them (200 samples each) make an epoch. Nothing is downloaded.
@@ -26,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -37,6 +41,8 @@ from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the shard writer's progress bars
 
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import pipeline.train as trainer_module  # noqa: E402
@@ -54,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="loader workers")
-    parser.add_argument("--shards", type=int, default=2, help="training shards of 200 (1-8)")
+    parser.add_argument("--shards", type=int, default=1, help="training shards of 200 (1-8)")
     parser.add_argument("--step-ms", type=float, default=50.0, help="emulated step")
     parser.add_argument("--workdir", type=Path, help="keep shards and run here")
     return parser.parse_args()
@@ -106,13 +112,27 @@ class FirstBatchClock:
 # ---- the two sides of P3
 
 
-def time_full_epoch(trainer: Trainer, epoch: int) -> tuple[float, float]:
-    """(seconds for the epoch, seconds from its first batch) of `train_epoch`."""
-    began = time.perf_counter()
+def cpu_seconds() -> np.ndarray:
+    """CPU seconds of this process, of its finished children (loader workers, joined at
+    the end of each epoch) and of its running ones (wandb's service)."""
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    running = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            running += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return np.array([time.process_time(), done.ru_utime + done.ru_stime, running])
+
+
+def time_full_epoch(trainer: Trainer, epoch: int) -> tuple[float, float, np.ndarray]:
+    """Seconds of `train_epoch`: the epoch, from its first batch, and CPU seconds."""
+    cpu, began = cpu_seconds(), time.perf_counter()
     trainer_module.train_epoch(trainer, epoch)
     ended = time.perf_counter()
     trainer.state["epoch"] = epoch
-    return ended - began, ended - trainer.train_loader.first_batch_at
+    return ended - began, ended - trainer.train_loader.first_batch_at, cpu_seconds() - cpu
 
 
 class BareLoop:
@@ -127,33 +147,65 @@ class BareLoop:
         self.labels = torch.randint(0, config.model.num_classes, (batch,))
         self.loss_fn = torch.nn.CrossEntropyLoss()
 
-    def run(self, steps: int) -> float:
-        began = time.perf_counter()
-        for _ in range(steps):
-            loss = self.loss_fn(self.model(self.images), self.labels)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - began
+    def step(self) -> tuple[float, float]:
+        """(seconds, CPU seconds of this process) of one step."""
+        cpu, began = time.process_time(), time.perf_counter()
+        loss = self.loss_fn(self.model(self.images), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - began, time.process_time() - cpu
 
 
-def measure_p3(trainer: Trainer, bare: BareLoop, rounds: int) -> dict[str, float]:
+class PairedStep:
+    """Stands in for train.train_step: the real step, then one bare step, timed.
+
+    Other jobs change this machine's speed within seconds; timing a bare step
+    right after each trainer step cancels that drift, which whole-epoch
+    alternation did not (ratios of 0.58 to 1.18 between runs).
+    """
+
+    def __init__(self, bare: BareLoop) -> None:
+        self.bare, self.real = bare, trainer_module.train_step
+        self.seconds = self.cpu = 0.0
+
+    def __call__(self, trainer: Trainer, batch: dict[str, Any]) -> torch.Tensor:
+        loss = self.real(trainer, batch)
+        seconds, cpu = self.bare.step()
+        self.seconds, self.cpu = self.seconds + seconds, self.cpu + cpu
+        return loss
+
+
+def paired_epoch(trainer: Trainer, paired: PairedStep, epoch: int) -> dict[str, Any]:
+    """One epoch of the full loop with paired bare steps; each side's share apart."""
+    paired.seconds = paired.cpu = 0.0
+    epoch_s, steady_s, cpu = time_full_epoch(trainer, epoch)
+    return {"full": steady_s - paired.seconds, "epoch": epoch_s - paired.seconds,
+            "bare": paired.seconds, "bare_cpu": np.array([paired.cpu, 0.0, 0.0]),
+            "full_cpu": cpu - np.array([paired.cpu, 0.0, 0.0])}
+
+
+def measure_p3(trainer: Trainer, bare: BareLoop, rounds: int) -> dict[str, Any]:
+    """Per round (an epoch), bare time / full-loop time; medians and the range."""
     steps = trainer.train_loader.steps_per_epoch
     images = steps * trainer.config.data.batch_size
-    full_epoch, full_steady, bare_s = [], [], []
     time_full_epoch(trainer, 1)  # warm-up: first allocations, first worker start
-    bare.run(steps)
-    for index in range(rounds):
-        if index % 2:
-            bare_s.append(bare.run(steps))
-        epoch_s, steady_s = time_full_epoch(trainer, index + 2)
-        full_epoch.append(epoch_s)
-        full_steady.append(steady_s)
-        if not index % 2:
-            bare_s.append(bare.run(steps))
-    return {"steps": steps, "bare": images / statistics.median(bare_s),
-            "steady": images / statistics.median(full_steady),
-            "epoch": images / statistics.median(full_epoch)}
+    paired = PairedStep(bare)
+    trainer_module.train_step = paired  # train_epoch looks it up at each call
+    try:
+        runs = [paired_epoch(trainer, paired, epoch) for epoch in range(2, rounds + 2)]
+    finally:
+        trainer_module.train_step = paired.real
+    ratios = [r["bare"] / r["full"] for r in runs]
+    return {
+        "steps": steps, "bare": images / statistics.median(r["bare"] for r in runs),
+        "steady": images / statistics.median(r["full"] for r in runs),
+        "epoch": images / statistics.median(r["epoch"] for r in runs),
+        "p3": statistics.median(ratios), "p3_range": (min(ratios), max(ratios)),
+        "p3_epoch": statistics.median(r["bare"] / r["epoch"] for r in runs),
+        "bare_cpu": np.median([r["bare_cpu"] for r in runs], axis=0) / images,
+        "full_cpu": np.median([r["full_cpu"] for r in runs], axis=0) / images,
+    }
 
 
 # ---- overlap
@@ -181,32 +233,42 @@ def emulated_rate(trainer: Trainer, epoch: int, step_s: float) -> float:
 
     trainer_module.train_step = sleeping_step  # train_epoch looks it up at each call
     try:
-        _, steady_s = time_full_epoch(trainer, epoch)
+        _, steady_s, _ = time_full_epoch(trainer, epoch)
     finally:
         trainer_module.train_step = real_step
     steps = trainer.train_loader.steps_per_epoch
     return steps * trainer.config.data.batch_size / steady_s
 
 
+def sleep_rate(steps: int, batch: int, step_s: float) -> float:
+    """Images/s of sleeping alone: a busy machine wakes a sleeper late."""
+    began = time.perf_counter()
+    for _ in range(steps):
+        time.sleep(step_s)
+    return steps * batch / (time.perf_counter() - began)
+
+
 def measure_overlap(trainer: Trainer, step_ms: float, rounds: int,
                     first_epoch: int) -> list[dict[str, float]]:
-    batch = trainer.config.data.batch_size
+    batch, steps = trainer.config.data.batch_size, trainer.train_loader.steps_per_epoch
     epoch = first_epoch
     loader_ips = statistics.median(loader_rate(trainer, epoch + i) for i in range(rounds))
     rows = []
     for step_s in (step_ms / 1000, batch / loader_ips / 3):
         epoch += rounds
-        loop = statistics.median(
-            emulated_rate(trainer, epoch + i, step_s) for i in range(rounds))
+        loop, alone = [], []
+        for index in range(rounds):
+            loop.append(emulated_rate(trainer, epoch + index, step_s))
+            alone.append(sleep_rate(steps, batch, step_s))
         rows.append({"step_ms": 1000 * step_s, "loader": loader_ips,
-                     "emulated": batch / step_s, "loop": loop})
+                     "emulated": statistics.median(alone), "loop": statistics.median(loop)})
     return rows
 
 
 # ---- report
 
 
-def print_report(args: argparse.Namespace, p3: dict[str, float],
+def print_report(args: argparse.Namespace, p3: dict[str, Any],
                  overlap: list[dict[str, float]]) -> None:
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, no GPU used; load average "
@@ -214,12 +276,21 @@ def print_report(args: argparse.Namespace, p3: dict[str, float],
     print(f"model {args.arch}, {args.image_size} px, batch {args.batch}, {args.workers} "
           f"loader worker(s), {p3['steps']} steps per epoch, medians of {args.rounds} rounds")
     print()
+    low, high = p3["p3_range"]
     print(f"{'measure':<44} {'img/s':>9} {'ratio':>7}")
     print(f"{'bare forward/backward/step':<44} {p3['bare']:>9.1f}")
     print(f"{'full loop, from the first batch':<44} {p3['steady']:>9.1f} "
-          f"{p3['steady'] / p3['bare']:>7.3f}  P3 (target >= 0.97)")
+          f"{p3['p3']:>7.3f}  P3 (target >= 0.97); rounds {low:.3f}-{high:.3f}")
     print(f"{'full loop, whole epoch (workers start)':<44} {p3['epoch']:>9.1f} "
-          f"{p3['epoch'] / p3['bare']:>7.3f}")
+          f"{p3['p3_epoch']:>7.3f}")
+    bare_cpu, full_cpu = p3["bare_cpu"].sum(), p3["full_cpu"].sum()
+    print(f"{'CPU, bare / full loop, all processes':<44} {'':>9} "
+          f"{bare_cpu / full_cpu:>7.3f}")
+    print()
+    print("CPU ms per image       main  workers  wandb  total")
+    for name, cpu in (("bare loop", p3["bare_cpu"]), ("full loop", p3["full_cpu"])):
+        main, workers, wandb = 1000 * cpu
+        print(f"{name:<20} {main:>6.1f} {workers:>8.1f} {wandb:>6.1f} {1000 * cpu.sum():>6.1f}")
     print()
     print(f"{'overlap: emulated step':<24} {'loader':>9} {'emulated':>9} {'loop':>9} "
           f"{'loop / min':>10}")

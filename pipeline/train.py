@@ -328,10 +328,13 @@ def build_metrics_logger(config, accelerator, run_dir, state) -> MetricsLogger:
 
 def run_info(config: Config) -> dict[str, Any]:
     """Code version and data checksums, recorded with the run's config."""
-    specs = {"train": config.data.train, **config.data.eval}
-    keys = {"train": "data.train", **{name: f"data.eval.{name}" for name in config.data.eval}}
-    data = {name: describe_shard_set(resolve_shards(spec, key=keys[name], must_exist=False))
-            for name, spec in specs.items()}
+
+    def describe(spec: str, key: str) -> dict[str, Any]:
+        return describe_shard_set(resolve_shards(spec, key=key, must_exist=False))
+
+    data = {"train": describe(config.data.train, "data.train"),
+            "eval": {name: describe(spec, f"data.eval.{name}")
+                     for name, spec in config.data.eval.items()}}
     return {"code": code_version(), "data": data}
 
 
@@ -469,9 +472,11 @@ def progress_values(trainer: Trainer, window: Window, epoch: int, step: int,
 
 def evaluate_sets(trainer: Trainer) -> dict[str, dict[str, Any]]:
     """Score every eval set exactly once over all ranks; log and record the metrics."""
-    preds = predict_sets(trainer)
-    results = score_sets(trainer.config, preds, trainer.data.evals)
-    if results and trainer.accelerator.is_main_process:
+    preds, lost = predict_sets(trainer)
+    if not trainer.accelerator.is_main_process:
+        return {}  # metrics are computed and reported once, on the main process
+    results = score_sets(trainer.config, preds, lost, trainer.data.evals)
+    if results:
         log.info("evaluation after epoch %d:\n%s", trainer.state["epoch"] + 1,
                  summary_table(results))
         flat = {f"eval/{name}/{k}": v for name, m in results.items()
@@ -482,28 +487,33 @@ def evaluate_sets(trainer: Trainer) -> dict[str, dict[str, Any]]:
     return results
 
 
-def predict_sets(trainer: Trainer) -> dict[str, Predictions]:
-    """Every eval set's predictions, gathered from all ranks (as run_evaluation does);
-    kept apart from the metrics so that the charts can use them."""
+def predict_sets(trainer: Trainer) -> tuple[dict[str, Predictions], dict[str, int]]:
+    """run_evaluation's first half (keep the two alike), so the charts get the predictions:
+    every set's predictions gathered from all ranks, and the samples skipped as bad."""
     acc = trainer.accelerator
     bare = acc.unwrap_model(trainer.model)
     sync_buffers(bare)
-    preds = {}
+    preds, lost = {}, {}
     for name, loader in trainer.eval_loaders.items():
         local = predict(bare, loader, trainer.config.loss.name, acc.device)
-        preds[name] = gather_predictions(local, trainer.data.evals[name].num_samples, name)
-    return preds
+        # Samples the skip policy dropped are counted, so exactly-once still holds
+        bad = torch.tensor([loader.epoch_counts()["bad"]], device=acc.device)
+        lost[name] = int(acc.reduce(bad, "sum").item())
+        expected = trainer.data.evals[name].num_samples - lost[name]
+        preds[name] = gather_predictions(local, expected, name)
+    return preds, lost
 
 
-def score_sets(config: Config, preds: dict[str, Predictions],
+def score_sets(config: Config, preds: dict[str, Predictions], lost: dict[str, int],
                shard_sets: dict[str, ShardSet]) -> dict[str, dict[str, Any]]:
-    """Metrics of every set, with the threshold calibrated as run_evaluation does."""
+    """run_evaluation's second half: metrics of every set, with the calibrated threshold."""
     threshold = _calibrated_threshold(config, preds)
-    return {
-        name: compute_metrics(pred, config.loss.name, shard_sets[name].class_names,
-                              config.eval.threshold, threshold)
-        for name, pred in preds.items()
-    }
+    results = {}
+    for name, pred in preds.items():
+        results[name] = compute_metrics(pred, config.loss.name, shard_sets[name].class_names,
+                                        config.eval.threshold, threshold)
+        results[name]["bad_samples"] = lost[name]
+    return results
 
 
 def log_eval_charts(trainer: Trainer, results: dict[str, dict[str, Any]],
