@@ -488,25 +488,29 @@ def evaluate_sets(trainer: Trainer) -> dict[str, dict[str, Any]]:
 
 
 def predict_sets(trainer: Trainer) -> tuple[dict[str, Predictions], dict[str, int]]:
-    """run_evaluation's first half (keep the two alike), so the charts get the predictions:
-    every set's predictions gathered from all ranks, and the samples skipped as bad."""
-    acc = trainer.accelerator
-    bare = acc.unwrap_model(trainer.model)
+    return gather_sets(trainer.accelerator, trainer.model, trainer.config.loss.name,
+                       trainer.eval_loaders, trainer.data.evals)
+
+
+def gather_sets(accelerator, model, loss_name: str, loaders, shard_sets
+                ) -> tuple[dict[str, Predictions], dict[str, int]]:
+    """Every set's predictions gathered from all ranks, and the samples skipped as bad."""
+    bare = accelerator.unwrap_model(model)
     sync_buffers(bare)
     preds, lost = {}, {}
-    for name, loader in trainer.eval_loaders.items():
-        local = predict(bare, loader, trainer.config.loss.name, acc.device)
+    for name, loader in loaders.items():
+        local = predict(bare, loader, loss_name, accelerator.device)
         # Samples the skip policy dropped are counted, so exactly-once still holds
-        bad = torch.tensor([loader.epoch_counts()["bad"]], device=acc.device)
-        lost[name] = int(acc.reduce(bad, "sum").item())
-        expected = trainer.data.evals[name].num_samples - lost[name]
+        bad = torch.tensor([loader.epoch_counts()["bad"]], device=accelerator.device)
+        lost[name] = int(accelerator.reduce(bad, "sum").item())
+        expected = shard_sets[name].num_samples - lost[name]
         preds[name] = gather_predictions(local, expected, name)
     return preds, lost
 
 
 def score_sets(config: Config, preds: dict[str, Predictions], lost: dict[str, int],
                shard_sets: dict[str, ShardSet]) -> dict[str, dict[str, Any]]:
-    """run_evaluation's second half: metrics of every set, with the calibrated threshold."""
+    """Metrics of every set, with the threshold calibrated on one of them."""
     threshold = _calibrated_threshold(config, preds)
     results = {}
     for name, pred in preds.items():
@@ -543,24 +547,10 @@ def sample_batch(config: Config, shard_set: ShardSet) -> dict[str, Any]:
 
 def run_evaluation(accelerator, model, config, loaders, shard_sets) -> dict[str, dict]:
     """Predict every set, choose the calibrated threshold on one, then compute metrics."""
-    bare = accelerator.unwrap_model(model)
-    sync_buffers(bare)
-    preds, lost = {}, {}
-    for name, loader in loaders.items():
-        local = predict(bare, loader, config.loss.name, accelerator.device)
-        # Samples the skip policy dropped are counted, so exactly-once still holds.
-        bad = torch.tensor([loader.epoch_counts()["bad"]], device=accelerator.device)
-        lost[name] = int(accelerator.reduce(bad, "sum").item())
-        preds[name] = gather_predictions(local, shard_sets[name].num_samples - lost[name], name)
+    preds, lost = gather_sets(accelerator, model, config.loss.name, loaders, shard_sets)
     if not accelerator.is_main_process:
         return {}  # metrics are computed and reported once, on the main process
-    threshold = _calibrated_threshold(config, preds)
-    results = {}
-    for name, pred in preds.items():
-        results[name] = compute_metrics(pred, config.loss.name, shard_sets[name].class_names,
-                                        config.eval.threshold, threshold)
-        results[name]["bad_samples"] = lost[name]
-    return results
+    return score_sets(config, preds, lost, shard_sets)
 
 
 def _calibrated_threshold(config: Config, preds: dict) -> float | None:
