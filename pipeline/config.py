@@ -129,6 +129,10 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(
         2, ge=1, description="Checkpoints kept in the run folder (the newest ones)."
     )
+    resume_from: Path | None = Field(
+        None, description="A checkpoint folder (RUN/checkpoints/step-N) to start from while "
+        "the run folder has no checkpoint of its own.",
+    )
     checkpoint_every_steps: int = Field(
         0, ge=0, description="Also checkpoint every N global steps, mid-epoch (0: epoch ends "
         "only). A stop signal (SIGUSR1/SIGTERM) always saves one.",

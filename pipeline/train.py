@@ -319,20 +319,40 @@ RESUME_KEYS = ("model", "loss", "optim", "data.train", "data.image_size", "data.
                "run.seed")
 
 
+def resume_source(config: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to start from: the run folder's latest, else train.resume_from."""
+    own = latest_checkpoint(run_dir)
+    if own is not None or config.train.resume_from is None:
+        return own
+    path = config.train.resume_from.expanduser().resolve()
+    if not (path / "model.safetensors").is_file() or not (path / "training.pt").is_file():
+        raise ConfigError(
+            f"train.resume_from={str(path)!r} is not a checkpoint folder (no "
+            "model.safetensors and training.pt); give RUN/checkpoints/step-N"
+        )
+    return path
+
+
 def check_resume_compatible(config: Config, run_dir: Path) -> None:
-    if latest_checkpoint(run_dir) is None or not (run_dir / "config.yaml").is_file():
+    checkpoint = resume_source(config, run_dir)
+    if checkpoint is None:
         return
-    saved = load_config(run_dir / "config.yaml").model_dump(mode="json")
+    saved_config = checkpoint / "config.yaml"
+    if not saved_config.is_file():
+        saved_config = run_dir / "config.yaml"
+    if not saved_config.is_file():
+        return
+    saved = load_config(saved_config).model_dump(mode="json")
     wanted = config.model_dump(mode="json")
     changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in _differences(saved, wanted)
                if key.startswith(RESUME_KEYS)]
     if changes:
         raise ConfigError(
-            f"run folder {run_dir} holds checkpoints of another config, so it cannot resume:\n  "
+            f"checkpoint {checkpoint} was trained with another config, so it cannot resume:\n  "
             + "\n  ".join(changes)
             + "\nchoose a new run.name, or remove the run folder to start again"
         )
-    log.info("run folder %s has checkpoints: resuming", run_dir)
+    log.info("resuming from checkpoint %s", checkpoint)
 
 
 def _differences(old: Any, new: Any, prefix: str = ""):
@@ -373,7 +393,7 @@ def build_scheduler(config: Config, optimizer, total_steps: int):
 def resume_if_possible(trainer: Trainer) -> dict[str, Any]:
     """Continue from the run folder's latest checkpoint, mid-epoch where it was saved."""
     fresh = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "wandb_run_id": None}
-    checkpoint = latest_checkpoint(trainer.run_dir)
+    checkpoint = resume_source(trainer.config, trainer.run_dir)
     if checkpoint is None:
         return fresh
     acc = trainer.accelerator
@@ -382,6 +402,8 @@ def resume_if_possible(trainer: Trainer) -> dict[str, Any]:
         scheduler=trainer.scheduler, scaler=acc.scaler, stateful=trainer.stateful,
         state={}, rank_state={}))
     state = fresh | read_state(checkpoint)
+    if checkpoint.parent.parent != trainer.run_dir:
+        state["wandb_run_id"] = None  # another run's checkpoint: this is a new wandb run
     position = load_rank_state(checkpoint, acc.process_index)
     if state["step_in_epoch"] and not continue_epoch(trainer, state, position):
         restart_epoch(trainer, state)

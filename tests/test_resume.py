@@ -309,3 +309,27 @@ def test_killed_and_signalled_runs_resume_to_the_same_weights(faces_shards, tmp_
     assert f"exitcode  : {REQUEUE_EXIT_CODE}" in log  # torchrun's report of the ranks
     assert finish(launch(faces_shards, tmp_path, "signalled")) == 0
     assert_same_run(tmp_path, "signalled", reference, reference_losses)
+
+
+def test_resume_from_another_runs_checkpoint_is_checked(tmp_path):
+    from accelerate import Accelerator
+
+    from pipeline.config import ConfigError, save_config
+    from pipeline.train import check_resume_compatible, resume_source
+
+    other = load_config(DEMO, [f"run.output_dir={tmp_path}", "run.name=other"])
+    save_config(other, tmp_path / "other.yaml")
+    path = save_checkpoint(Accelerator(cpu=True), other.run_dir, tiny_checkpoint(4, 1),
+                           (tmp_path / "other.yaml").read_text())
+    mine = load_config(DEMO, [f"run.output_dir={tmp_path}", f"train.resume_from={path}"])
+    assert resume_source(mine, mine.run_dir) == path
+    check_resume_compatible(mine, mine.run_dir)  # same config: fine
+
+    changed = load_config(DEMO, [f"run.output_dir={tmp_path}", f"train.resume_from={path}",
+                                 "model.num_classes=2", "loss.name=cross_entropy"])
+    with pytest.raises(ConfigError, match="model.num_classes: 1 -> 2"):
+        check_resume_compatible(changed, changed.run_dir)
+
+    nowhere = load_config(DEMO, [f"run.output_dir={tmp_path}", f"train.resume_from={tmp_path}"])
+    with pytest.raises(ConfigError, match="train.resume_from=.* is not a checkpoint folder"):
+        resume_source(nowhere, nowhere.run_dir)

@@ -56,11 +56,19 @@ def test_truncated_and_missing_shards(clean, tmp_path):
         "raw-000001.tar: unreadable after 0 samples: FileNotFoundError: No such file or "
         "directory",
     ]
-    # Cut inside a member header, tarfile ends quietly: the count tells
+    # Cut inside a member header (tarfile ended quietly there): a short header is an error
     write_records(tmp_path / "quiet", [good_records(6)])
     truncate(tmp_path / "quiet" / "raw-000000.tar", 5000)
     assert problems_of(tmp_path / "quiet")[0] == (
-        "raw-000000.tar: holds 1 samples, the manifest lists 6"
+        "raw-000000.tar: unreadable after 0 samples: ReadError: unexpected end of data"
+    )
+    # Cut at a member boundary: the archive just ends early, the count tells
+    write_records(tmp_path / "short", [good_records(6)])
+    data = (tmp_path / "short" / "raw-000000.tar").read_bytes()
+    cut = data.index(b"s-0002.")  # the header of the third sample's first member
+    truncate(tmp_path / "short" / "raw-000000.tar", cut)
+    assert problems_of(tmp_path / "short")[0] == (
+        "raw-000000.tar: holds 2 samples, the manifest lists 6"
     )
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from tqdm import tqdm
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.data.decode import IMAGE_EXTENSIONS, SampleError, decode_sample, wanted_member
 from pipeline.data.labels import parse_label
@@ -31,6 +30,7 @@ from pipeline.data.shards import (
     open_shard,
     resolve_shards,
 )
+from pipeline.data.tar import tar_samples_of
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def verify_shard(shard: Shard, entry: dict[str, Any], check: SetCheck, progress:
     try:
         with open_shard(shard.url) as stream:
             reader = _HashingReader(stream)
-            source = [{"url": shard.url, "stream": reader}]
-            for sample in group_by_keys(tar_file_expander(source, select_files=wanted_member)):
+            # The loader's own tar reader: verify accepts what training reads
+            for sample in tar_samples_of(reader, shard.url, wanted_member):
                 count += 1
                 progress.update(1)
                 _check_sample(sample, name, check)
