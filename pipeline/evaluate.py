@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 from torch import nn
+from tqdm import tqdm
 
 from pipeline.config import ConfigError
 from pipeline.losses import BINARY_LOSSES, probabilities
@@ -51,12 +52,20 @@ def task_of(loss_name: str, num_outputs: int) -> str:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Any, loss_name: str, device: torch.device) -> Predictions:
-    """Score this rank's share of an eval set. `model` must be unwrapped (no DDP)."""
+def predict(model: nn.Module, loader: Any, loss_name: str, device: torch.device,
+            progress: str | None = None) -> Predictions:
+    """Score this rank's share of an eval set. `model` must be unwrapped (no DDP).
+
+    `progress`: a label for a progress bar over the batches (shown on a terminal only).
+    """
     was_training = model.training
     model.eval()
     keys, probs, labels = [], [], []
-    for batch in loader:
+    batches = loader
+    if progress is not None:
+        batches = tqdm(loader, total=len(loader), desc=progress, unit="batch",
+                       disable=None, leave=False)
+    for batch in batches:
         logits = model(loader.normalize(batch["image"].to(device, non_blocking=True)))
         probs.append(probabilities(logits, loss_name).cpu())
         labels.append(batch["label"].cpu())

@@ -648,7 +648,9 @@ def gather_sets(accelerator, model, loss_name: str, loaders, shard_sets
     sync_buffers(bare)
     preds, lost = {}, {}
     for name, loader in loaders.items():
-        local = predict(bare, loader, loss_name, accelerator.device)
+        # Rank 0's bar shows its share; the ranks' shares differ by at most a shard
+        label = f"eval {name}" if accelerator.is_main_process else None
+        local = predict(bare, loader, loss_name, accelerator.device, progress=label)
         # Samples the skip policy dropped are counted, so exactly-once still holds
         bad = torch.tensor([loader.epoch_counts()["bad"]], device=accelerator.device)
         lost[name] = int(accelerator.reduce(bad, "sum").item())
