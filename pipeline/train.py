@@ -39,6 +39,7 @@ from pipeline.config import Config, ConfigError, TrainConfig, load_config, save_
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.data.shards import ShardSet, resolve_shards
 from pipeline.data.transforms import build_normalize
+from pipeline.distributed import check_joined, check_launch
 from pipeline.evaluate import (
     Predictions,
     calibrate_threshold,
@@ -205,26 +206,15 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         raise ConfigError(
             "train.mixed_precision=fp16 needs a GPU; on the CPU use train.mixed_precision=no"
         )
+    check_launch()
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=config.mixed_precision,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))],
     )
-    check_world_size(accelerator.num_processes)
+    check_joined(accelerator.num_processes, accelerator.process_index)
     return accelerator
-
-
-def check_world_size(num_processes: int) -> None:
-    # A CUDA build of torch on a machine without GPUs makes every rank believe it
-    # is rank 0 of 1 and train alone, silently; the launcher's WORLD_SIZE tells.
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if num_processes != expected:
-        raise RuntimeError(
-            f"the launcher started WORLD_SIZE={expected} processes but Accelerate sees "
-            f"{num_processes}; the ranks did not join one process group. On a machine "
-            "without GPUs set ACCELERATE_USE_CPU=1, or launch with torchrun"
-        )
 
 
 def build_trainer(config: Config, accelerator: Accelerator, data: Data) -> Trainer:
