@@ -122,7 +122,8 @@ class Monitor:
             self.evals_since_change = 0
         patience = self.early_stop_patience
         if patience is not None and self.evals_since_best >= patience:
-            self.stop_reason = (f"{self.key} has not improved on {self.best} for "
+            margin = f" by more than {self.min_delta:g}" if self.min_delta else ""
+            self.stop_reason = (f"{self.key} has not improved on {self.best}{margin} for "
                                 f"{patience} evaluations (train.early_stop_patience)")
         return Verdict(self.last_was_best, drop, self.stop_reason)
 

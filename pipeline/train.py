@@ -61,7 +61,7 @@ from pipeline.log import (
 )
 from pipeline.losses import HeadLoss, build_loss, check_contract, prior_logits
 from pipeline.model import build_model, init_head_bias
-from pipeline.nonfinite import NonFiniteGuard
+from pipeline.nonfinite import NonFiniteGuard, NonFiniteLossError
 from pipeline.plots import SAMPLE_IMAGES, eval_media, sample_images
 from pipeline.runtime import compile_model, images_to, sync_batchnorm, to_channels_last
 from pipeline.schedule import Monitor, apply_verdict, build_monitor, build_scheduler
@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging()
             log.error("%s", err)
         return 2
+    except NonFiniteLossError as err:
+        # Every rank stops at the same step (the decision is shared), with one message
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.error("%s", err)
+        return 1
     return 0
 
 
@@ -127,15 +132,16 @@ def train(config: Config) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     try:
         for epoch in range(trainer.state["epoch"] + 1, config.train.epochs + 1):
+            # Checked here, so a resumed run that had stopped does not train on
+            if trainer.monitor.stop_reason:
+                log.info("stopping after epoch %d: %s", epoch - 1, trainer.monitor.stop_reason)
+                break
             train_epoch(trainer, epoch)
             if epoch % config.train.eval_every_epochs == 0 or epoch == config.train.epochs:
                 results = evaluate_sets(trainer)
             trainer.state["epoch"] = epoch
             save_checkpoint(accelerator, trainer.run_dir, trainer.state,
                             config.train.keep_checkpoints)
-            if trainer.monitor.stop_reason:
-                log.info("stopping after epoch %d: %s", epoch, trainer.monitor.stop_reason)
-                break
         check_replicas_identical(trainer)
     finally:
         trainer.metrics.close()

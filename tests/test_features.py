@@ -34,9 +34,11 @@ from torch import nn
 from pipeline.accumulation import ends_group, group_size, optimizer_steps_per_epoch
 from pipeline.config import ConfigError, load_config
 from pipeline.ema import EMA
+from pipeline.losses import HeadLoss
 from pipeline.nonfinite import NonFiniteLossError
 from pipeline.runtime import sync_batchnorm
 from pipeline.schedule import Monitor, PlateauLR, apply_verdict, build_scheduler
+from pipeline.train import main as train_main
 from pipeline.train import train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,6 +205,30 @@ def test_too_many_skips_in_a_row_stop_the_run():
     assert trainer.nonfinite.skipped == 2
     with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
         train_step(trainer, data[2], 3)
+
+
+class NaNLoss(HeadLoss):
+    """The configured loss, made NaN: what a diverged run computes."""
+
+    def forward(self, logits_BK: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits_BK, labels) * float("nan")
+
+
+def test_the_trainer_stops_on_a_nan_loss_with_one_message(faces_shards, tmp_path, caplog,
+                                                          monkeypatch):
+    import pipeline.train
+
+    monkeypatch.setattr(pipeline.train, "build_loss",
+                        lambda *_args, **_kw: NaNLoss("bce_with_logits", 1))
+    args = [str(REPO / "configs" / "demo.yaml"), f"data.train={faces_shards / 'train'}",
+            f"data.eval.val={faces_shards / 'val'}", f"run.output_dir={tmp_path}",
+            "model.arch=resnet18", "data.image_size=32", "data.num_workers=0",
+            "train.on_nonfinite_loss=stop", "wandb.mode=disabled"]
+    assert train_main(args) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert errors[0].startswith("non-finite loss at optimizer step 1 (epoch 1, micro-batch 1)")
+    assert "(rank 0: nan)" in errors[0]
 
 
 def free_port() -> int:
@@ -382,7 +408,8 @@ def test_faces_with_accumulation_ema_plateau_and_early_stopping(faces_shards, tm
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=540)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "stopping after epoch 3: val/accuracy has not improved" in result.stderr
+    assert "stopping after epoch 3: val/accuracy has not improved on" in result.stderr
+    assert "by more than 10 for 2 evaluations" in result.stderr
 
     run_dir = tmp_path / "feat"
     results = json.loads((run_dir / "eval_results.json").read_text())
