@@ -9,7 +9,9 @@
 
 Every rank takes the same decision: the ranks' flags and bad losses travel in one
 all-reduce per optimizer step (DDP's own gradient all-reduce runs inside backward,
-where nothing can ride along). Reading the result costs one host sync per step.
+where nothing can ride along). Reading the result costs one host sync per step, as
+the fp16 grad scaler's overflow check does. The logged train/loss of a window with a
+skipped step shows the non-finite value: the mean is left honest, not cleaned.
 """
 
 from __future__ import annotations
@@ -45,8 +47,15 @@ class NonFiniteGuard:
     def begin_group(self, model: nn.Module) -> None:
         """Remember the buffers a bad forward pass could spoil (skip only)."""
         self._losses = []
-        if self.policy == "skip":
-            self._saved_buffers = [b.detach().clone() for b in model.buffers()]
+        if self.policy != "skip":
+            return
+        buffers = [b.detach() for b in model.buffers()]
+        if len(self._saved_buffers) != len(buffers):
+            self._saved_buffers = [b.clone() for b in buffers]
+            return
+        with torch.no_grad():  # the same small tensors every step: copy, do not allocate
+            for saved, buffer in zip(self._saved_buffers, buffers, strict=True):
+                saved.copy_(buffer)
 
     def observe(self, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach().reshape(()))

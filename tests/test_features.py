@@ -182,6 +182,18 @@ def test_a_nan_batch_is_skipped_counted_and_leaves_batchnorm_clean():
     for ours, theirs in zip(bare(trainer).buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     assert trainer.nonfinite.state_dict() == {"skipped": 1, "consecutive": 0}
+    # A second epoch: the saved buffers are reused, and a skip still restores them
+    stepped = run_epoch_from(trainer, [poison(data[0]), data[1], data[2]])
+    reference = sgd_reference(reference, [[data[1]], [data[2]]])
+    assert_same_params(bare(trainer), reference)
+    for ours, theirs in zip(bare(trainer).buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert trainer.nonfinite.skipped == 2
+
+
+def run_epoch_from(trainer, data):
+    trainer.state["epoch"] += 1
+    return run_epoch(trainer, data)
 
 
 def test_a_nan_loss_stops_the_run_with_the_step_the_value_and_what_to_try():
@@ -322,7 +334,7 @@ def test_monitor_max_with_plateau_and_early_stopping_by_hand():
     assert monitor.best == 0.70 and not monitor.last_was_best
 
 
-def test_monitor_min_with_a_min_delta_and_a_nan_by_hand():
+def test_monitor_min_with_a_min_delta_and_a_nan_by_hand(tmp_path):
     monitor = Monitor("val/loss", "min", 0.01, early_stop_patience=2)
     verdicts = [monitor.update(v) for v in [1.0, 0.995, 0.98, float("nan"), 0.975]]
     # 0.995 is not below 1.0 - 0.01; 0.98 is; nan never improves; 0.975 not below 0.97
@@ -330,8 +342,9 @@ def test_monitor_min_with_a_min_delta_and_a_nan_by_hand():
     assert [v.drop_lr for v in verdicts] == [False] * 5
     assert verdicts[3].stop_reason is None and verdicts[4].stop_reason is not None
     state = monitor.state_dict()
+    torch.save(state, tmp_path / "monitor.pt")
     again = Monitor("val/loss", "min", 0.01, early_stop_patience=2)
-    again.load_state_dict(state)
+    again.load_state_dict(torch.load(tmp_path / "monitor.pt", weights_only=True))
     assert again.state_dict() == state and again.best == 0.98
 
 
