@@ -148,7 +148,7 @@ class TrainConfig(Section):
     )
     ema_decay: float | None = Field(
         None, gt=0, lt=1,
-        description="EMA of the weights, updated each optimizer step; evaluated as <set>_ema.",
+        description="EMA of the weights, updated each optimizer step; evaluated too (val_ema).",
     )
     on_nonfinite_loss: Literal["skip", "stop"] = Field(
         "skip", description="NaN/inf loss: skip the optimizer step (counted) or stop the run."
@@ -159,8 +159,8 @@ class TrainConfig(Section):
     channels_last: bool = Field(False, description="NHWC memory format (faster convs on GPUs).")
     compile: bool = Field(False, description="torch.compile the model (first steps compile).")
     monitor: str | None = Field(
-        None, description="Metric watched by early stopping and plateau, <set>/<metric> "
-        "(e.g. val/ap, val_ema/accuracy)."
+        None, description="Metric watched by early stopping and plateau: eval set/metric, "
+        "e.g. val/ap or val_ema/accuracy."
     )
     monitor_mode: Literal["max", "min"] = Field("max", description="Is higher monitor better?")
     monitor_min_delta: float = Field(
