@@ -169,11 +169,12 @@ class PairedStep:
         self.bare, self.real = bare, trainer_module.train_step
         self.seconds = self.cpu = 0.0
 
-    def __call__(self, trainer: Trainer, batch: dict[str, Any]) -> torch.Tensor:
-        loss = self.real(trainer, batch)
+    def __call__(self, trainer: Trainer, batch: dict[str, Any],
+                 micro_step: int) -> trainer_module.StepResult:
+        result = self.real(trainer, batch, micro_step)
         seconds, cpu = self.bare.step()
         self.seconds, self.cpu = self.seconds + seconds, self.cpu + cpu
-        return loss
+        return result
 
 
 def paired_epoch(trainer: Trainer, paired: PairedStep, epoch: int) -> dict[str, Any]:
@@ -227,9 +228,10 @@ def emulated_rate(trainer: Trainer, epoch: int, step_s: float) -> float:
     """Images/s of `train_epoch` with each model step replaced by a `step_s` sleep."""
     real_step = trainer_module.train_step
 
-    def sleeping_step(_trainer: Trainer, _batch: dict[str, Any]) -> torch.Tensor:
+    def sleeping_step(_trainer: Trainer, _batch: dict[str, Any],
+                      _micro_step: int) -> trainer_module.StepResult:
         time.sleep(step_s)
-        return torch.zeros(())
+        return trainer_module.StepResult(torch.zeros(()), stepped=True)
 
     trainer_module.train_step = sleeping_step  # train_epoch looks it up at each call
     try:

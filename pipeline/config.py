@@ -92,6 +92,9 @@ class ModelConfig(Section):
     init_bias_from_prior: bool = Field(
         False, description="Start the head's bias at the class prior (log-odds), for imbalance."
     )
+    sync_batchnorm: bool = Field(
+        False, description="BatchNorm statistics over all processes (GPUs only; off at world 1)."
+    )
 
 
 LossName = Literal["bce_with_logits", "bce", "cross_entropy"]
@@ -116,7 +119,18 @@ class OptimConfig(Section):
     warmup_fraction: float = Field(
         0.05, ge=0, lt=1, description="Share of all steps spent warming the LR up linearly."
     )
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a share of lr.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final LR as a share of lr.")
+    schedule: Literal["cosine", "plateau"] = Field(
+        "cosine",
+        description="After warmup: cosine decay over the run, or plateau (CNNDetection): "
+        "LR / 10 when train.monitor stalls for plateau_patience evals.",
+    )
+    plateau_patience: int = Field(
+        5, ge=1, description="plateau: evaluations without improvement before LR / 10."
+    )
+    min_lr: float = Field(
+        1e-6, gt=0, description="plateau: the run stops when a drop takes the LR below this."
+    )
 
 
 class TrainConfig(Section):
@@ -136,6 +150,32 @@ class TrainConfig(Section):
     checkpoint_every_steps: int = Field(
         0, ge=0, description="Also checkpoint every N global steps, mid-epoch (0: epoch ends "
         "only). A stop signal (SIGUSR1/SIGTERM) always saves one.",
+    )
+    grad_accum_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step (see pipeline/accumulation.py)."
+    )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1,
+        description="EMA of the weights, updated each optimizer step; evaluated too (val_ema).",
+    )
+    on_nonfinite_loss: Literal["skip", "stop"] = Field(
+        "skip", description="NaN/inf loss: skip the optimizer step (counted) or stop the run."
+    )
+    max_consecutive_nonfinite: int = Field(
+        20, ge=1, description="skip: stop after this many skipped steps in a row (diverged)."
+    )
+    channels_last: bool = Field(False, description="NHWC memory format (faster convs on GPUs).")
+    compile: bool = Field(False, description="torch.compile the model (first steps compile).")
+    monitor: str | None = Field(
+        None, description="Metric watched by early stopping and plateau: eval set/metric, "
+        "e.g. val/ap or val_ema/accuracy."
+    )
+    monitor_mode: Literal["max", "min"] = Field("max", description="Is higher monitor better?")
+    monitor_min_delta: float = Field(
+        0.0, ge=0, description="An improvement must beat the best by more than this."
+    )
+    early_stop_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement."
     )
 
 
@@ -191,9 +231,34 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         _apply_override(raw, override)
     _check_keys(raw, Config, prefix="")
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_describe(err, path)) from None
+    check_monitor(config)
+    return config
+
+
+def check_monitor(config: Config) -> None:
+    """The options that watch train.monitor need one, naming an eval set that exists."""
+    train = config.train
+    watchers = []
+    if config.optim.schedule == "plateau":
+        watchers.append("optim.schedule=plateau")
+    if train.early_stop_patience is not None:
+        watchers.append(f"train.early_stop_patience={train.early_stop_patience}")
+    if train.monitor is None:
+        if watchers:
+            raise ConfigError(f"{' and '.join(watchers)} watch train.monitor, which is not set; "
+                              "set train.monitor=<eval set>/<metric>, e.g. val/ap")
+        return
+    name, _, metric = train.monitor.partition("/")
+    sets = [*config.data.eval]
+    sets += [f"{s}_ema" for s in config.data.eval] if train.ema_decay is not None else []
+    if name not in sets or not metric:
+        raise ConfigError(
+            f"train.monitor={train.monitor!r} must be <eval set>/<metric> with an eval set "
+            f"of data.eval (or <set>_ema with train.ema_decay); eval sets: {sets or 'none'}"
+        )
 
 
 def save_config(config: Config, path: Path) -> None:

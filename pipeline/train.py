@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
 import uuid
+import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import islice
@@ -23,9 +24,15 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
 from torch import nn
 
+from pipeline.accumulation import (
+    ends_group,
+    group_size,
+    optimizer_steps_per_epoch,
+    starts_group,
+)
 from pipeline.checkpoint import (
     Checkpoint,
     latest_checkpoint,
@@ -40,6 +47,7 @@ from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.data.shards import ShardSet, resolve_shards
 from pipeline.data.transforms import build_normalize
 from pipeline.distributed import check_joined, check_launch
+from pipeline.ema import EMA
 from pipeline.evaluate import (
     Predictions,
     calibrate_threshold,
@@ -64,7 +72,10 @@ from pipeline.log import (
 )
 from pipeline.losses import HeadLoss, build_loss, check_contract, prior_logits
 from pipeline.model import build_model, init_head_bias
+from pipeline.nonfinite import NonFiniteGuard, NonFiniteLossError
 from pipeline.plots import SAMPLE_IMAGES, eval_media, sample_images
+from pipeline.runtime import compile_model, images_to, sync_batchnorm, to_channels_last
+from pipeline.schedule import Monitor, apply_verdict, build_monitor, build_scheduler
 from pipeline.signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger(__name__)
@@ -92,6 +103,9 @@ class Trainer:
     data: Data
     metrics: MetricsLogger
     state: dict[str, Any] = field(default_factory=dict)
+    ema: EMA | None = None
+    monitor: Monitor = field(default_factory=lambda: Monitor(None))
+    nonfinite: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard("stop", 1))
     # Objects saved in checkpoints beside model and optimizer: name -> object with
     # state_dict() / load_state_dict() of tensors and plain values
     stateful: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Stopped:
         return REQUEUE_EXIT_CODE
+    except NonFiniteLossError as err:
+        # Every rank stops at the same step (the decision is shared), with one message
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.error("%s", err)
+        return 1
     return 0
 
 
@@ -152,6 +171,10 @@ def run_epochs(trainer: Trainer) -> dict[str, dict[str, Any]]:
         results = evaluate_sets(trainer)  # a stop signal came between an epoch and its eval
         state["eval_pending"] = False
     for epoch in range(state["epoch"] + 1, config.train.epochs + 1):
+        # Checked here, so a resumed run that had stopped does not train on
+        if trainer.monitor.stop_reason:
+            log.info("stopping after epoch %d: %s", epoch - 1, trainer.monitor.stop_reason)
+            break
         if not train_epoch(trainer, epoch):
             stop_run(trainer, "mid-epoch")
         state["epoch"], state["step_in_epoch"] = epoch, 0
@@ -161,7 +184,7 @@ def run_epochs(trainer: Trainer) -> dict[str, dict[str, Any]]:
             stop_run(trainer, "before the evaluation of the epoch")
         if due:
             results = evaluate_sets(trainer)
-        save(trainer)
+        save(trainer, best=due and trainer.monitor.last_was_best)
         if trainer.stop.agreed():
             stop_run(trainer, "at the end of an epoch", saved=True)
     return results
@@ -186,7 +209,7 @@ def describe_position(state: dict[str, Any], steps_per_epoch: int) -> str:
     return f"{done} (global step {state['global_step']})"
 
 
-def save(trainer: Trainer) -> Path:
+def save(trainer: Trainer, best: bool = False) -> Path:
     acc = trainer.accelerator
     ckpt = Checkpoint(
         model=acc.unwrap_model(trainer.model), optimizer=trainer.optimizer,
@@ -196,7 +219,7 @@ def save(trainer: Trainer) -> Path:
     )
     config_text = (trainer.run_dir / "config.yaml").read_text()
     return save_checkpoint(acc, trainer.run_dir, ckpt, config_text,
-                           trainer.config.train.keep_checkpoints)
+                           trainer.config.train.keep_checkpoints, best=best)
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
@@ -233,16 +256,43 @@ def build_trainer(config: Config, accelerator: Accelerator, data: Data) -> Train
     loss_fn = loss_fn.to(accelerator.device)
     run_dir = prepare_run_dir(config, accelerator)
 
-    total_steps = config.train.epochs * train_loader.steps_per_epoch
-    optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer, total_steps)
-
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler, ema = build_model_runtime(
+        config, accelerator, model, train_loader.steps_per_epoch)
+    monitor = build_monitor(config)
+    nonfinite = NonFiniteGuard(config.train.on_nonfinite_loss,
+                               config.train.max_consecutive_nonfinite)
+    stateful = {"monitor": monitor, "nonfinite": nonfinite, **({"ema": ema} if ema else {})}
     trainer = Trainer(config, accelerator, run_dir, model, loss_fn, optimizer, scheduler,
-                      train_loader, eval_loaders, data, MetricsLogger(None))
+                      train_loader, eval_loaders, data, MetricsLogger(None), ema=ema,
+                      monitor=monitor, nonfinite=nonfinite, stateful=stateful)
     trainer.state = resume_if_possible(trainer)
     trainer.metrics = build_metrics_logger(config, accelerator, run_dir, trainer.state)
     return trainer
+
+
+def build_model_runtime(config: Config, accelerator: Accelerator, model: nn.Module,
+                        steps_per_epoch: int) -> tuple[nn.Module, Any, Any, EMA | None]:
+    """The model as it trains (layout, SyncBatchNorm, compile, DDP), its EMA copy, the
+    optimizer and the LR schedule, sized in optimizer steps."""
+    # Order matters: the EMA copy keeps plain BatchNorm, DDP wraps the compiled module
+    model = to_channels_last(model, config.train)
+    ema = build_ema(config, model, accelerator.device)
+    model = sync_batchnorm(model, config.model.sync_batchnorm, accelerator.num_processes,
+                           on_gpu=accelerator.device.type == "cuda")
+    steps = optimizer_steps_per_epoch(steps_per_epoch, config.train.grad_accum_steps)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, config.train.epochs * steps)
+    model = compile_model(model, config.train)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler, ema
+
+
+def build_ema(config: Config, model: nn.Module, device: torch.device) -> EMA | None:
+    if config.train.ema_decay is None:
+        return None
+    log.info("EMA of the weights, decay %s; evaluated as <set>_ema", config.train.ema_decay)
+    return EMA(model, config.train.ema_decay).to(device)
 
 
 def build_model_and_loss(config: Config, data: Data) -> tuple[nn.Module, HeadLoss]:
@@ -366,20 +416,6 @@ def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.optim.lr)
 
 
-def build_scheduler(config: Config, optimizer, total_steps: int):
-    """Linear warmup then cosine decay, sized from the exact number of optimizer steps."""
-    warmup = int(config.optim.warmup_fraction * total_steps)
-    floor = config.optim.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def resume_if_possible(trainer: Trainer) -> dict[str, Any]:
     """Continue from the run folder's latest checkpoint, mid-epoch where it was saved."""
     fresh = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "wandb_run_id": None}
@@ -422,16 +458,20 @@ def continue_epoch(trainer: Trainer, state: dict[str, Any], position: dict | Non
 def restart_epoch(trainer: Trainer, state: dict[str, Any]) -> None:
     """Start the interrupted epoch over; the LR schedule goes back to its start."""
     state["step_in_epoch"] = 0
-    seek_scheduler(trainer.scheduler, state["epoch"] * trainer.train_loader.steps_per_epoch)
+    steps = optimizer_steps_per_epoch(trainer.train_loader.steps_per_epoch,
+                                      trainer.config.train.grad_accum_steps)
+    seek_scheduler(trainer.scheduler, state["epoch"] * steps)
 
 
 def seek_scheduler(scheduler: Any, step: int) -> None:
-    """Put a LambdaLR at `step` (its position is in optimizer steps)."""
+    """Put a schedule at optimizer step `step` (both schedules compute LRs from it)."""
     scheduler.last_epoch = step
-    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
-                                   scheduler.lr_lambdas):
-        group["lr"] = base * factor(step)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_lr() outside step() warns; it is exact here
+        lrs = scheduler.get_lr()
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def build_metrics_logger(config, accelerator, run_dir, state) -> MetricsLogger:
@@ -478,16 +518,18 @@ def train_epoch(trainer: Trainer, epoch: int) -> bool:
     for batch in islice(loader, loader.steps_per_epoch - loader.step):
         step = loader.step  # this batch's number in the epoch, from 1
         window.data_ready()
-        loss = train_step(trainer, batch)
-        trainer.state["global_step"] += 1
+        result = train_step(trainer, batch, step)
+        trainer.state["global_step"] += int(result.stepped)
         trainer.state["step_in_epoch"] = step
-        window.step_done(loss, len(batch["label"]))
+        window.step_done(result.loss, len(batch["label"]))
         if step % cfg.run.log_every_steps == 0 or step == loader.steps_per_epoch:
             log_progress(trainer, window, epoch, step)
             # The next window starts where this one ended: logging's cost counts too
             window = Window(start=window.mark)
         if step == loader.steps_per_epoch:
             break  # the epoch's end is handled (and checkpointed) by the caller
+        if not result.stepped:
+            continue  # mid-accumulation: no checkpoint can hold half a group's gradients
         if trainer.stop.agreed():
             return False
         if every and trainer.state["global_step"] % every == 0:
@@ -496,23 +538,63 @@ def train_epoch(trainer: Trainer, epoch: int) -> bool:
     return True
 
 
-def train_step(trainer: Trainer, batch: dict[str, Any]) -> torch.Tensor:
-    device = trainer.accelerator.device
-    images = trainer.train_loader.normalize(batch["image"].to(device, non_blocking=True))
-    labels = batch["label"].to(device, non_blocking=True)
+@dataclass
+class StepResult:
+    """One micro-batch's outcome.
 
-    logits = trainer.model(images)
-    loss = trainer.loss_fn(logits, labels)
-    trainer.accelerator.backward(loss)
+    `stepped`: its accumulation group ended here, with an optimizer step or with one
+    skipped for a non-finite loss. Either way the gradients are cleared, the run's
+    step counter advances, and the state is whole for a checkpoint.
+    """
 
-    if trainer.config.train.grad_clip_norm:
-        trainer.accelerator.clip_grad_norm_(
-            trainer.model.parameters(), trainer.config.train.grad_clip_norm
-        )
-    trainer.optimizer.step()
+    loss: torch.Tensor
+    stepped: bool
+
+
+def train_step(trainer: Trainer, batch: dict[str, Any], micro_step: int) -> StepResult:
+    """Forward and backward one micro-batch (`micro_step`: 1-based within the epoch);
+    step at the end of its accumulation group (rule in pipeline/accumulation.py)."""
+    steps, k = trainer.train_loader.steps_per_epoch, trainer.config.train.grad_accum_steps
+    if starts_group(micro_step, steps, k):
+        trainer.nonfinite.begin_group(trainer.model)
+    last = ends_group(micro_step, steps, k)
+    loss = forward_backward(trainer, batch, 1 / group_size(micro_step, steps, k), sync=last)
+    trainer.nonfinite.observe(loss)
+    if not last:
+        return StepResult(loss, stepped=False)
+
+    where = (f"optimizer step {trainer.state['global_step'] + 1} "
+             f"(epoch {trainer.state['epoch'] + 1}, micro-batch {micro_step})")
+    if not trainer.nonfinite.should_skip(trainer.accelerator, trainer.model, where):
+        optimizer_step(trainer)
+    # A skipped step still advances the schedule: it stays aligned with the epochs
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, stepped=True)
+
+
+def forward_backward(trainer: Trainer, batch: dict[str, Any], scale: float,
+                     sync: bool) -> torch.Tensor:
+    """The loss of one micro-batch (unscaled); its gradient, times `scale`, accumulates."""
+    acc = trainer.accelerator
+    pixels = images_to(batch["image"], acc.device, trainer.config.train.channels_last)
+    images = trainer.train_loader.normalize(pixels)
+    labels = batch["label"].to(acc.device, non_blocking=True)
+    # DDP averages gradients over ranks only on a group's last micro-batch
+    with nullcontext() if sync else acc.no_sync(trainer.model):
+        loss = trainer.loss_fn(trainer.model(images), labels)
+        acc.backward(loss * scale)
     return loss.detach()
+
+
+def optimizer_step(trainer: Trainer) -> None:
+    clip = trainer.config.train.grad_clip_norm
+    if clip:
+        trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), clip)
+    trainer.optimizer.step()
+    # fp16: the grad scaler skips steps whose gradients overflowed
+    if trainer.ema is not None and not getattr(trainer.optimizer, "step_was_skipped", False):
+        trainer.ema.update(trainer.accelerator.unwrap_model(trainer.model))
 
 
 class Window:
@@ -559,6 +641,7 @@ def log_progress(trainer: Trainer, window: Window, epoch: int, step: int) -> Non
         "perf/images_per_s_per_process": window.samples / window.elapsed_s,
         "perf/data_wait_pct": values["data_wait_pct"], "perf/step_s": values["step_s"],
         "perf/memory_gib": values["memory_gib"],
+        "train/nonfinite_steps": trainer.nonfinite.skipped,
         **{COUNT_KEYS.get(name, f"data/{name}"): value for name, value in shared["counts"].items()},
     }
     trainer.metrics.log(metrics, step=trainer.state["global_step"])
@@ -610,24 +693,59 @@ def progress_values(trainer: Trainer, window: Window, epoch: int, step: int,
 
 
 def evaluate_sets(trainer: Trainer) -> dict[str, dict[str, Any]]:
-    """Score every eval set exactly once over all ranks; log and record the metrics."""
-    preds, lost = predict_sets(trainer)
-    if not trainer.accelerator.is_main_process:
-        return {}  # metrics are computed and reported once, on the main process
-    results = score_sets(trainer.config, preds, lost, trainer.data.evals)
-    if results:
-        log.info("evaluation after epoch %d:\n%s", trainer.state["epoch"],
-                 summary_table(results))
-        flat = {f"eval/{name}/{k}": v for name, m in results.items()
-                for k, v in m.items() if isinstance(v, (int, float))}
-        trainer.metrics.log(flat, step=trainer.state["global_step"])
-        write_results(results, trainer.run_dir / "eval_results")
-        log_eval_charts(trainer, results, preds)
+    """Score every eval set exactly once over all ranks, with the EMA's weights too (as
+    `<set>_ema`); log and record the metrics (main process), then update the monitor."""
+    preds, lost = predict_sets(trainer, trainer.model)
+    ema_preds = predict_sets(trainer, trainer.ema.module) if trainer.ema else None
+    results: dict[str, dict[str, Any]] = {}
+    # metrics are computed and reported once, on the main process
+    if trainer.accelerator.is_main_process:
+        results = score_sets(trainer.config, preds, lost, trainer.data.evals)
+        if ema_preds is not None:
+            ema = score_sets(trainer.config, *ema_preds, trainer.data.evals)
+            results.update({f"{name}_ema": metrics for name, metrics in ema.items()})
+        report_eval(trainer, results, preds)
+    watch_monitor(trainer, results)
     return results
 
 
-def predict_sets(trainer: Trainer) -> tuple[dict[str, Predictions], dict[str, int]]:
-    return gather_sets(trainer.accelerator, trainer.model, trainer.config.loss.name,
+def report_eval(trainer: Trainer, results: dict[str, dict[str, Any]],
+                preds: dict[str, Predictions]) -> None:
+    if not results:
+        return
+    log.info("evaluation after epoch %d:\n%s", trainer.state["epoch"], summary_table(results))
+    flat = {f"eval/{name}/{k}": v for name, m in results.items()
+            for k, v in m.items() if isinstance(v, (int, float))}
+    trainer.metrics.log(flat, step=trainer.state["global_step"])
+    write_results(results, trainer.run_dir / "eval_results")
+    log_eval_charts(trainer, results, preds)
+
+
+def watch_monitor(trainer: Trainer, results: dict[str, dict[str, Any]]) -> None:
+    """Every rank's monitor takes the value the main process read, so all decide alike."""
+    monitor, acc = trainer.monitor, trainer.accelerator
+    if monitor.key is None:
+        return
+    name, _, metric = monitor.key.partition("/")
+    value = results.get(name, {}).get(metric) if acc.is_main_process else None
+    found = isinstance(value, (int, float))
+    shared = torch.tensor([float(value) if found else 0.0, float(found)],
+                          dtype=torch.float64, device=acc.device)
+    value, found = broadcast(shared, from_process=0).tolist()
+    if not found:
+        known = sorted(k for k, v in results.get(name, {}).items()
+                       if isinstance(v, (int, float)))
+        raise ConfigError(f"train.monitor={monitor.key!r}: eval set {name!r} has no scalar "
+                          f"metric {metric!r}; metrics: {known or 'see eval_results.json'}")
+    verdict = monitor.update(value)
+    log.info("%s = %.6g%s (best %s)", monitor.key, value,
+             ", a new best" if verdict.new_best else "", monitor.best)
+    apply_verdict(verdict, monitor, trainer.scheduler, trainer.config.optim.min_lr)
+
+
+def predict_sets(trainer: Trainer, model: nn.Module
+                 ) -> tuple[dict[str, Predictions], dict[str, int]]:
+    return gather_sets(trainer.accelerator, model, trainer.config.loss.name,
                        trainer.eval_loaders, trainer.data.evals)
 
 
