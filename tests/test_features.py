@@ -435,5 +435,10 @@ def test_faces_with_accumulation_ema_plateau_and_early_stopping(faces_shards, tm
     assert lr_by_epoch == pytest.approx({1: 1e-3, 2: 1e-3, 3: 1e-4})
     assert all(line["train/nonfinite_steps"] == 0 for line in train)
     assert any("eval/val_ema/accuracy" in line for line in lines)
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "epoch-0003"
+    folder = run_dir / "checkpoints"
+    assert (folder / "latest").read_text().strip() == "step-00000012"
+    # Only the first evaluation was a best; it is kept beside the newest two
+    assert (folder / "best").read_text().strip() == "step-00000004"
+    assert sorted(p.name for p in folder.glob("step-*")) == \
+        ["step-00000004", "step-00000008", "step-00000012"]
 
