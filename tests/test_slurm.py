@@ -1,7 +1,8 @@
 """launch/slurm.sbatch under a real one-node Slurm cluster started on this machine.
 
-The demo config trains on the bundled faces with 1 node and 2 tasks (gloo on the
-CPU). Skipped only where the Slurm and munge programs are missing; CI installs
+The script's own decisions are tested with a stand-in for the trainer (seconds);
+then the demo config trains on the bundled faces with 1 node and 2 tasks (gloo on
+the CPU). Skipped only where the Slurm and munge programs are missing; CI installs
 them (.ci/run). The cluster's daemons are stopped by pid even when a test fails.
 """
 
@@ -71,6 +72,52 @@ def check_preflight(text: str, job_id: str, node: str, restarts: int) -> None:
     line = (f"preflight: job {job_id} nodes=1 ({node}) master={node}:{port} world_size=2 "
             f"procs_per_node=2 restarts={restarts}")
     assert line in text, text[-3000:]
+
+
+# Stands in for pipeline.train to test the script alone: exits 75 on SIGUSR1 or
+# SIGTERM as the trainer does after its checkpoint, and 0 when started again.
+STAND_IN = """\
+import os, signal, sys, time
+if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+    sys.exit(0)
+stop = []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: stop.append(signum))
+print("stand-in rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"], "ready", flush=True)
+deadline = time.monotonic() + 120
+while not stop and time.monotonic() < deadline:
+    time.sleep(0.1)
+sys.exit(75 if stop else 1)
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("scancel", "state", "restarts", "says"),
+    [
+        # Slurm's warning, to the job's steps: the script requeues the job
+        (["--signal=USR1"], "COMPLETED", "1", "requeueing job"),
+        # A cancel also reaches the batch shell: the job must stay cancelled
+        ([], "CANCELLED", "0", "not requeued from here"),
+    ],
+)
+def test_script_requeues_on_the_warning_but_not_on_a_cancel(
+        cluster, tmp_path, scancel, state, restarts, says):
+    stand_in = tmp_path / "stand_in"
+    stand_in.write_text(f"#!{sys.executable}\n{STAND_IN}")
+    stand_in.chmod(0o755)
+    output = tmp_path / "job.out"
+    job_id = cluster.sbatch(*ALLOCATION, f"--output={output}", str(SBATCH), "config.yaml",
+                            env={"PYTHON": str(stand_in)}, cwd=tmp_path)
+    wait_for_line(output, re.compile(r"(ready\n.*){2}", re.DOTALL), timeout_s=120)
+
+    cluster.run("scancel", *scancel, job_id)
+    info = cluster.wait_for_job(job_id, ENDED, timeout_s=120)
+    text = read(output)
+    assert (info["JobState"], info["Restarts"]) == (state, restarts), text
+    assert says in text
+    check_preflight(text, job_id, cluster.node, restarts=0)
+    assert "stand-in rank 1 of 2 ready" in text and "stand-in rank 0 of 2 ready" in text
 
 
 @pytest.mark.timeout(600)
