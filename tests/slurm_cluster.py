@@ -118,7 +118,9 @@ class SlurmCluster:
     def logs(self) -> str:
         """The tail of every daemon's log, for failure messages."""
         parts = []
-        for path in sorted((self.root / "log").glob("*.log")):
+        for path in [*sorted((self.root / "log").iterdir()), self.root / "munge" / "munged.log"]:
+            if not path.is_file():
+                continue
             lines = path.read_text(errors="replace").splitlines()[-30:]
             parts.append(f"--- {path.name}\n" + "\n".join(lines))
         return "\n".join(parts)
@@ -133,8 +135,11 @@ class SlurmCluster:
     def stop(self, timeout_s: float = 30) -> None:
         """Cancel what still runs, then stop the daemons (newest first) by pid."""
         if "slurmctld" in self.daemons:
-            self.run("scancel", "--full", "--partition=debug", check=False)
-            self._wait_for_no_jobs(timeout_s)
+            try:
+                self.run("scancel", "--full", "--partition=debug", check=False)
+                self._wait_for_no_jobs(timeout_s)
+            except (subprocess.TimeoutExpired, TimeoutError):
+                log.warning("jobs still in the queue when stopping the cluster")
         for name, proc in reversed(list(self.daemons.items())):
             proc.terminate()
             try:
@@ -190,10 +195,7 @@ class SlurmCluster:
             out = self.run("squeue", "--noheader", "--format=%i", check=False)
             return out.returncode != 0 or not out.stdout.strip()
 
-        try:
-            wait_until(empty, timeout_s, "jobs still running")
-        except TimeoutError:
-            log.warning("jobs still in the queue when stopping the cluster")
+        wait_until(empty, timeout_s, "jobs still running")
 
 
 def wait_until(ready, timeout_s: float, message: str, poll_s: float = 0.5) -> None:
