@@ -348,8 +348,8 @@ def compare_eval_outputs(on: DataConfig, off: DataConfig, shards: ShardSet) -> t
     for cfg in (on, off):
         loader = build_eval_loader(cfg, shards, rank=0, world_size=1)
         outputs.append({k: x for b in loader for k, x in zip(b["key"], b["image"])})
-    to_levels = torch.tensor(on.std).view(3, 1, 1) * 255
-    diff = torch.stack([(outputs[0][k] - outputs[1][k]) * to_levels for k in outputs[1]])
+    # The loader's images are uint8 levels (normalisation happens on the device)
+    diff = torch.stack([outputs[0][k].float() - outputs[1][k].float() for k in outputs[1]])
     mse = float((diff**2).mean())
     psnr = 10 * math.log10(255**2 / mse) if mse > 0 else math.inf
     return float(diff.abs().mean()), float(diff.abs().max()), psnr

@@ -129,6 +129,10 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(
         2, ge=1, description="Checkpoints kept in the run folder (the newest ones)."
     )
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="Also checkpoint every N global steps, mid-epoch (0: epoch ends "
+        "only). A stop signal (SIGUSR1/SIGTERM) always saves one.",
+    )
 
 
 class EvalConfig(Section):

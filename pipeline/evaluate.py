@@ -57,7 +57,7 @@ def predict(model: nn.Module, loader: Any, loss_name: str, device: torch.device)
     model.eval()
     keys, probs, labels = [], [], []
     for batch in loader:
-        logits = model(batch["image"].to(device, non_blocking=True))
+        logits = model(loader.normalize(batch["image"].to(device, non_blocking=True)))
         probs.append(probabilities(logits, loss_name).cpu())
         labels.append(batch["label"].cpu())
         keys.extend(batch["key"])

@@ -14,7 +14,6 @@ import bisect
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
 from pipeline.evaluate import Predictions, binary_scores, class_indices, task_of
@@ -135,7 +134,7 @@ def _number(value: Any) -> float | None:
 
 
 def sample_images(batch: dict[str, Any], pred: Predictions, class_names: list[str],
-                  loss_name: str, mean: tuple, std: tuple) -> list[Any]:
+                  loss_name: str) -> list[Any]:
     """The batch's images with the model's probabilities as captions (first SAMPLE_IMAGES)."""
     import wandb
 
@@ -146,7 +145,9 @@ def sample_images(batch: dict[str, Any], pred: Predictions, class_names: list[st
         if index == len(pred.keys) or pred.keys[index] != key:
             continue
         caption = _caption(pred.probs[index], pred.labels[index], class_names, task)
-        images.append(wandb.Image(_to_uint8(image_3SS, mean, std), caption=caption))
+        # The loader's images are uint8 until the model's device normalizes them
+        pixels_SS3 = image_3SS.permute(1, 2, 0).numpy()
+        images.append(wandb.Image(pixels_SS3, caption=caption))
     return images
 
 
@@ -161,11 +162,3 @@ def _caption(probs_K: np.ndarray, label: Any, class_names: list[str], task: str)
         return f"{class_names[best]} {probs_K[best]:.2f} | true {truth}"
     best = int(probs_K.argmax())
     return f"{class_names[best]} {probs_K[best]:.2f}"
-
-
-def _to_uint8(image_3SS: torch.Tensor, mean: tuple, std: tuple) -> np.ndarray:
-    """Undo the normalisation: [3, S, S] float -> [S, S, 3] uint8."""
-    mean_3 = torch.tensor(mean).view(3, 1, 1)
-    std_3 = torch.tensor(std).view(3, 1, 1)
-    pixels = (image_3SS.float().cpu() * std_3 + mean_3).clamp(0, 1) * 255
-    return pixels.round().byte().permute(1, 2, 0).numpy()

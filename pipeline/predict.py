@@ -37,7 +37,7 @@ from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.decode import DECODE_ERRORS, IMAGE_EXTENSIONS, PIL_FORMATS
 from pipeline.data.loader import build_eval_loader
 from pipeline.data.shards import MANIFEST_NAME, ShardSet, read_manifest, resolve_shards
-from pipeline.data.transforms import EvalTransform, build_eval_transform
+from pipeline.data.transforms import EvalTransform, build_eval_transform, build_normalize
 from pipeline.losses import BINARY_LOSSES, positive_probability, probabilities
 from pipeline.model import build_model
 
@@ -265,7 +265,7 @@ def find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
             return candidate
     raise ConfigError(
         f"--checkpoint {checkpoint!r} is not a folder, nor one in {run_dir / 'checkpoints'}; "
-        "give a checkpoint folder such as RUN/checkpoints/epoch-0003"
+        "give a checkpoint folder such as RUN/checkpoints/step-00000300"
     )
 
 
@@ -325,7 +325,8 @@ def _train_class_names(spec: str | None) -> list[str]:
 @torch.inference_mode()
 def score(predictor: Predictor, images_BCHW: torch.Tensor) -> torch.Tensor:
     """Probabilities `[B, K]` on the CPU."""
-    logits_BK = predictor.model(images_BCHW.to(predictor.device, non_blocking=True))
+    normalize = build_normalize(predictor.config.data)
+    logits_BK = predictor.model(normalize(images_BCHW.to(predictor.device, non_blocking=True)))
     return probabilities(logits_BK, predictor.config.loss.name).cpu()
 
 

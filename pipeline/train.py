@@ -26,10 +26,19 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch import nn
 
-from pipeline.checkpoint import STATE_FILE, latest_checkpoint, load_model_weights, save_checkpoint
+from pipeline.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    load_model_weights,
+    load_rank_state,
+    load_training,
+    read_state,
+    save_checkpoint,
+)
 from pipeline.config import Config, ConfigError, TrainConfig, load_config, save_config
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.data.shards import ShardSet, resolve_shards
+from pipeline.data.transforms import build_normalize
 from pipeline.evaluate import (
     Predictions,
     calibrate_threshold,
@@ -55,6 +64,7 @@ from pipeline.log import (
 from pipeline.losses import HeadLoss, build_loss, check_contract, prior_logits
 from pipeline.model import build_model, init_head_bias
 from pipeline.plots import SAMPLE_IMAGES, eval_media, sample_images
+from pipeline.signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,14 @@ class Trainer:
     data: Data
     metrics: MetricsLogger
     state: dict[str, Any] = field(default_factory=dict)
+    # Objects saved in checkpoints beside model and optimizer: name -> object with
+    # state_dict() / load_state_dict() of tensors and plain values
+    stateful: dict[str, Any] = field(default_factory=dict)
+    stop: StopRequest = field(default_factory=StopRequest)
+
+
+class Stopped(Exception):
+    """A stop signal ended the run after a checkpoint; the job should be requeued."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging()
             log.error("%s", err)
         return 2
+    except Stopped:
+        return REQUEUE_EXIT_CODE
     return 0
 
 
@@ -104,26 +124,78 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def train(config: Config) -> dict[str, dict[str, Any]]:
-    """Train, evaluating and checkpointing every epoch; return the last eval results."""
+    """Train, evaluating and checkpointing every epoch; return the last eval results.
+
+    Raises Stopped after saving a checkpoint when a stop signal came.
+    """
     setup_logging(int(os.environ.get("RANK", "0")))
     data = build_data(config)
     accelerator = build_accelerator(config.train)
     trainer = build_trainer(config, accelerator, data)
-    results: dict[str, dict[str, Any]] = {}
+    trainer.stop.install()
     try:
-        for epoch in range(trainer.state["epoch"] + 1, config.train.epochs + 1):
-            train_epoch(trainer, epoch)
-            if epoch % config.train.eval_every_epochs == 0 or epoch == config.train.epochs:
-                results = evaluate_sets(trainer)
-            trainer.state["epoch"] = epoch
-            save_checkpoint(accelerator, trainer.run_dir, trainer.state,
-                            config.train.keep_checkpoints)
+        results = run_epochs(trainer)
         check_replicas_identical(trainer)
     finally:
+        trainer.stop.uninstall()
         trainer.metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def run_epochs(trainer: Trainer) -> dict[str, dict[str, Any]]:
+    config, state = trainer.config, trainer.state
+    results: dict[str, dict[str, Any]] = {}
+    if state.get("eval_pending"):
+        results = evaluate_sets(trainer)  # a stop signal came between an epoch and its eval
+        state["eval_pending"] = False
+    for epoch in range(state["epoch"] + 1, config.train.epochs + 1):
+        if not train_epoch(trainer, epoch):
+            stop_run(trainer, "mid-epoch")
+        state["epoch"], state["step_in_epoch"] = epoch, 0
+        due = epoch % config.train.eval_every_epochs == 0 or epoch == config.train.epochs
+        if due and trainer.stop.agreed():
+            state["eval_pending"] = True  # evaluate first thing after the restart
+            stop_run(trainer, "before the evaluation of the epoch")
+        if due:
+            results = evaluate_sets(trainer)
+        save(trainer)
+        if trainer.stop.agreed():
+            stop_run(trainer, "at the end of an epoch", saved=True)
+    return results
+
+
+def stop_run(trainer: Trainer, where: str, saved: bool = False) -> None:
+    """Save (unless just saved) and raise Stopped: the launcher should requeue the job."""
+    if not saved:
+        save(trainer)
+    log.warning("stopped by %s %s, %s: checkpoint saved; exiting with code %d so the "
+                "job is requeued", trainer.stop.signal_name, where,
+                describe_position(trainer.state, trainer.train_loader.steps_per_epoch),
+                REQUEUE_EXIT_CODE)
+    raise Stopped
+
+
+def describe_position(state: dict[str, Any], steps_per_epoch: int) -> str:
+    if state["step_in_epoch"]:
+        done = f"epoch {state['epoch'] + 1} at step {state['step_in_epoch']} of {steps_per_epoch}"
+    else:
+        done = f"epoch {state['epoch']} done"
+    return f"{done} (global step {state['global_step']})"
+
+
+def save(trainer: Trainer) -> Path:
+    acc = trainer.accelerator
+    ckpt = Checkpoint(
+        model=acc.unwrap_model(trainer.model), optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler, scaler=acc.scaler, stateful=trainer.stateful,
+        state=dict(trainer.state, world_size=acc.num_processes),
+        rank_state=trainer.train_loader.position(),
+    )
+    config_text = (trainer.run_dir / "config.yaml").read_text()
+    return save_checkpoint(acc, trainer.run_dir, ckpt, config_text,
+                           trainer.config.train.keep_checkpoints)
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
@@ -176,11 +248,11 @@ def build_trainer(config: Config, accelerator: Accelerator, data: Data) -> Train
     scheduler = build_scheduler(config, optimizer, total_steps)
 
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    state = resume_if_possible(accelerator, run_dir)
-    metrics = build_metrics_logger(config, accelerator, run_dir, state)
-    return Trainer(config, accelerator, run_dir, model, loss_fn, optimizer, scheduler,
-                   train_loader, eval_loaders, data, metrics, state)
+    trainer = Trainer(config, accelerator, run_dir, model, loss_fn, optimizer, scheduler,
+                      train_loader, eval_loaders, data, MetricsLogger(None))
+    trainer.state = resume_if_possible(trainer)
+    trainer.metrics = build_metrics_logger(config, accelerator, run_dir, trainer.state)
+    return trainer
 
 
 def build_model_and_loss(config: Config, data: Data) -> tuple[nn.Module, HeadLoss]:
@@ -231,7 +303,7 @@ def preflight(config: Config, shards: ShardSet, model: nn.Module, loss_fn: HeadL
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(batch["image"])
+            logits = model(build_normalize(config.data)(batch["image"]))
             loss_fn.to("cpu")(logits, batch["label"])
     except (ValueError, RuntimeError) as err:
         raise ConfigError(
@@ -298,16 +370,56 @@ def build_scheduler(config: Config, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def resume_if_possible(accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
-    """Continue from the run folder's latest checkpoint at its epoch boundary."""
-    checkpoint = latest_checkpoint(run_dir)
+def resume_if_possible(trainer: Trainer) -> dict[str, Any]:
+    """Continue from the run folder's latest checkpoint, mid-epoch where it was saved."""
+    fresh = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "wandb_run_id": None}
+    checkpoint = latest_checkpoint(trainer.run_dir)
     if checkpoint is None:
-        return {"epoch": 0, "global_step": 0, "wandb_run_id": None}
-    accelerator.load_state(str(checkpoint))
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    log.info("resumed from %s (epoch %d, step %d)", checkpoint, state["epoch"],
-             state["global_step"])
+        return fresh
+    acc = trainer.accelerator
+    load_training(checkpoint, Checkpoint(
+        model=acc.unwrap_model(trainer.model), optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler, scaler=acc.scaler, stateful=trainer.stateful,
+        state={}, rank_state={}))
+    state = fresh | read_state(checkpoint)
+    position = load_rank_state(checkpoint, acc.process_index)
+    if state["step_in_epoch"] and not continue_epoch(trainer, state, position):
+        restart_epoch(trainer, state)
+    log.info("resumed from %s: %s", checkpoint,
+             describe_position(state, trainer.train_loader.steps_per_epoch))
     return state
+
+
+def continue_epoch(trainer: Trainer, state: dict[str, Any], position: dict | None) -> bool:
+    """Put the loader where the checkpoint's epoch stopped; False if it cannot be."""
+    saved_world = state.get("world_size")
+    if position is None or saved_world != trainer.accelerator.num_processes:
+        log.warning("the checkpoint was written by %s processes and this run has %d: the "
+                    "interrupted epoch %d starts again from its beginning (exact mid-epoch "
+                    "continuation needs the same world size)", saved_world,
+                    trainer.accelerator.num_processes, state["epoch"] + 1)
+        return False
+    try:
+        trainer.train_loader.resume(position)
+    except ValueError as err:
+        log.warning("the interrupted epoch starts again from its beginning: %s", err)
+        return False
+    return True
+
+
+def restart_epoch(trainer: Trainer, state: dict[str, Any]) -> None:
+    """Start the interrupted epoch over; the LR schedule goes back to its start."""
+    state["step_in_epoch"] = 0
+    seek_scheduler(trainer.scheduler, state["epoch"] * trainer.train_loader.steps_per_epoch)
+
+
+def seek_scheduler(scheduler: Any, step: int) -> None:
+    """Put a LambdaLR at `step` (its position is in optimizer steps)."""
+    scheduler.last_epoch = step
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def build_metrics_logger(config, accelerator, run_dir, state) -> MetricsLogger:
@@ -338,28 +450,43 @@ def run_info(config: Config) -> dict[str, Any]:
     return {"code": code_version(), "data": data}
 
 
-def train_epoch(trainer: Trainer, epoch: int) -> None:
-    """One epoch of exactly `steps_per_epoch` steps on every rank."""
+def train_epoch(trainer: Trainer, epoch: int) -> bool:
+    """One epoch of exactly `steps_per_epoch` steps on every rank, or the rest of it.
+
+    Returns False when a stop signal ended the epoch early (at a step boundary,
+    the same one on every rank).
+    """
     cfg, acc = trainer.config, trainer.accelerator
     loader = trainer.train_loader
-    loader.set_epoch(epoch)
+    if trainer.state["step_in_epoch"] == 0:
+        loader.set_epoch(epoch)  # else resume_if_possible put the loader mid-epoch
+    every = cfg.train.checkpoint_every_steps
     trainer.model.train()
     window = Window()
-    for step, batch in enumerate(islice(loader, loader.steps_per_epoch), start=1):
+    for batch in islice(loader, loader.steps_per_epoch - loader.step):
+        step = loader.step  # this batch's number in the epoch, from 1
         window.data_ready()
         loss = train_step(trainer, batch)
         trainer.state["global_step"] += 1
+        trainer.state["step_in_epoch"] = step
         window.step_done(loss, len(batch["label"]))
         if step % cfg.run.log_every_steps == 0 or step == loader.steps_per_epoch:
             log_progress(trainer, window, epoch, step)
             # The next window starts where this one ended: logging's cost counts too
             window = Window(start=window.mark)
+        if step == loader.steps_per_epoch:
+            break  # the epoch's end is handled (and checkpointed) by the caller
+        if trainer.stop.agreed():
+            return False
+        if every and trainer.state["global_step"] % every == 0:
+            save(trainer)
     acc.wait_for_everyone()
+    return True
 
 
 def train_step(trainer: Trainer, batch: dict[str, Any]) -> torch.Tensor:
     device = trainer.accelerator.device
-    images = batch["image"].to(device, non_blocking=True)
+    images = trainer.train_loader.normalize(batch["image"].to(device, non_blocking=True))
     labels = batch["label"].to(device, non_blocking=True)
 
     logits = trainer.model(images)
@@ -477,7 +604,7 @@ def evaluate_sets(trainer: Trainer) -> dict[str, dict[str, Any]]:
         return {}  # metrics are computed and reported once, on the main process
     results = score_sets(trainer.config, preds, lost, trainer.data.evals)
     if results:
-        log.info("evaluation after epoch %d:\n%s", trainer.state["epoch"] + 1,
+        log.info("evaluation after epoch %d:\n%s", trainer.state["epoch"],
                  summary_table(results))
         flat = {f"eval/{name}/{k}": v for name, m in results.items()
                 for k, v in m.items() if isinstance(v, (int, float))}
@@ -530,8 +657,7 @@ def log_eval_charts(trainer: Trainer, results: dict[str, dict[str, Any]],
     try:
         media = eval_media(results, preds, names, cfg.loss.name)
         batch = sample_batch(cfg, trainer.data.evals[first])
-        media[f"eval/{first}/samples"] = sample_images(
-            batch, preds[first], names, cfg.loss.name, cfg.data.mean, cfg.data.std)
+        media[f"eval/{first}/samples"] = sample_images(batch, preds[first], names, cfg.loss.name)
         trainer.metrics.log_media(media, step=trainer.state["global_step"])
     except Exception as err:  # charts are a view; training and the numbers go on
         log.warning("wandb charts of this evaluation skipped: %s", err)

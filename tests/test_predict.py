@@ -88,7 +88,7 @@ def shards(tmp_path_factory, photo_crops) -> Path:
 
 
 def make_run(root: Path, train: Path | str, num_classes: int, loss: str) -> tuple[Path, Config]:
-    """A run folder: resolved config and checkpoints/epoch-0001 of a seeded model."""
+    """A run folder: resolved config and checkpoints/step-00000010 of a seeded model."""
     config = Config.model_validate(
         {
             "data": {"train": str(train), "image_size": 32, "batch_size": 4, "num_workers": 0},
@@ -98,10 +98,10 @@ def make_run(root: Path, train: Path | str, num_classes: int, loss: str) -> tupl
     )
     run = root / "run"
     save_config(config, run / "config.yaml")
-    ckpt = run / "checkpoints" / "epoch-0001"
+    ckpt = run / "checkpoints" / "step-00000010"
     ckpt.mkdir(parents=True)
     save_file(seeded_weights(num_classes), str(ckpt / "model.safetensors"))
-    (run / "checkpoints" / "latest").write_text("epoch-0001\n")
+    (run / "checkpoints" / "latest").write_text("step-00000010\n")
     return run, config
 
 
@@ -117,11 +117,15 @@ def set_threshold(run: Path, config: Config, threshold: float) -> None:
 
 
 def by_hand(run: Path, config: Config, pictures: list[Image.Image]) -> np.ndarray:
-    """Probabilities `[N, K]` from a plain loop: same weights, same eval transform."""
+    """Probabilities `[N, K]` from a plain loop: same weights, same eval crop, plain
+    normalisation."""
     model = build_model(config.model)
-    model.load_state_dict(load_file(str(run / "checkpoints/epoch-0001/model.safetensors")))
+    model.load_state_dict(load_file(str(run / "checkpoints/step-00000010/model.safetensors")))
     transform = build_eval_transform(config.data)
-    images = torch.stack([transform(p.convert("RGB")) for p in pictures])
+    pixels = torch.stack([transform(p.convert("RGB")) for p in pictures]).float() / 255
+    mean = torch.tensor(config.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.data.std).view(1, 3, 1, 1)
+    images = (pixels - mean) / std
     with torch.no_grad():
         logits = model.to(DEVICE).eval()(images.to(DEVICE)).cpu()
     if config.loss.name == "cross_entropy":
@@ -281,8 +285,8 @@ def bad_cases(run: Path, images: Path) -> dict[str, tuple[dict, str]]:
             "is not an image file",
         ),
         "bad checkpoint": (
-            dict(run_dir=run, inputs=good, out=out, checkpoint="epoch-9"),
-            "--checkpoint 'epoch-9' is not a folder",
+            dict(run_dir=run, inputs=good, out=out, checkpoint="step-9"),
+            "--checkpoint 'step-9' is not a folder",
         ),
         "out is a folder": (dict(run_dir=run, inputs=good, out=images), "is a folder"),
         "bad pattern": (

@@ -88,8 +88,8 @@ def test_command_line_error_exits_2_without_traceback(faces_shards, tmp_path):
 
 def fake_finished_run(run_dir: Path, config) -> None:
     save_config(config, run_dir / "config.yaml")
-    (run_dir / "checkpoints" / "epoch-0001").mkdir(parents=True)
-    (run_dir / "checkpoints" / "latest").write_text("epoch-0001\n")
+    (run_dir / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step-00000010\n")
 
 
 def test_resume_with_another_config_is_refused_with_the_differences(tmp_path):
@@ -115,13 +115,15 @@ def test_a_first_batch_mismatch_is_reported_with_both_shapes(faces_shards):
     assert "(2, 3)" in str(err.value) and "(2, 1)" in str(err.value)
 
 
-def test_only_the_newest_checkpoints_are_kept(tmp_path):
-    for epoch in range(1, 6):
-        (tmp_path / f"epoch-{epoch:04d}").mkdir()
-    (tmp_path / "epoch-0006.partial").mkdir()
+def test_only_the_newest_checkpoints_and_the_best_are_kept(tmp_path):
+    for step in range(10, 60, 10):
+        (tmp_path / f"step-{step:08d}").mkdir()
+    (tmp_path / "step-00000060.partial").mkdir()  # left by a crash
+    (tmp_path / "latest").write_text("step-00000050\n")
+    (tmp_path / "best").write_text("step-00000020\n")
     prune_checkpoints(tmp_path, keep=2)
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == ["epoch-0004", "epoch-0005", "epoch-0006.partial"]
+    assert left == ["best", "latest", "step-00000020", "step-00000040", "step-00000050"]
 
 
 # --- real training ------------------------------------------------------------------
@@ -174,7 +176,7 @@ def test_demo_on_two_processes(tmp_path):
     command = [sys.executable, "-m", "pipeline", "eval", "--run-dir", str(run_dir)]
     evaluated = run(command, REPO, 120)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    metrics = json.loads((run_dir / "eval-epoch-0005.json").read_text())["val"]
+    metrics = json.loads((run_dir / "eval-step-00000050.json").read_text())["val"]
     assert metrics["num_samples"] == 40
     assert metrics["accuracy"] >= 0.90
     assert re.search(r"val\s+40\s+0\.9\d+", evaluated.stderr)
@@ -183,7 +185,7 @@ def test_demo_on_two_processes(tmp_path):
     two_sets = [*command, "--set", f"held_out={faces / 'val'}", "--set",
                 f"seen={faces / 'train'}"]
     assert run(two_sets, REPO, 180).returncode == 0
-    table = (run_dir / "eval-epoch-0005-held_out-seen.csv").read_text().splitlines()
+    table = (run_dir / "eval-step-00000050-held_out-seen.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in table[1:]] == ["held_out", "seen"]
 
 
@@ -196,6 +198,7 @@ def check_run_folder(run_dir: Path) -> None:
     steps = [line["step"] for line in lines if "train/loss" in line]
     assert steps == sorted(steps) and steps[-1] == 50  # 5 epochs x 10 steps per rank
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert names == ["epoch-0004", "epoch-0005", "latest"]  # train.keep_checkpoints: 2
-    weights = load_file(str(run_dir / "checkpoints" / "epoch-0005" / "model.safetensors"))
+    # train.keep_checkpoints: 2; named by the global step of the end of epochs 4 and 5
+    assert names == ["latest", "step-00000040", "step-00000050"]
+    weights = load_file(str(run_dir / "checkpoints" / "step-00000050" / "model.safetensors"))
     assert weights["fc.weight"].shape == torch.Size([1, 2048])

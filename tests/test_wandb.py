@@ -35,6 +35,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from wandb_records import BLOCK, read_records, read_run, record_bytes
 
 from pipeline import plots
+from pipeline.checkpoint import latest_checkpoint
 from pipeline.evaluate import Predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,8 +151,8 @@ def test_offline_run_records_names_config_code_and_data(offline_run):
                               (info["data"]["eval"]["val"], "val")):
         manifest = (offline_run.faces / folder / "manifest.json").read_bytes()
         assert described["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
-    state = json.loads((offline_run.run_dir / "checkpoints" / "epoch-0001" /
-                        "trainer_state.json").read_text())
+    checkpoint = latest_checkpoint(offline_run.run_dir)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["wandb_run_id"] == wandb_run.run_id
 
 
@@ -444,9 +445,9 @@ def test_charts_for_binary_and_multiclass_heads():
 
 def test_sample_images_carry_the_probabilities_of_their_keys():
     pred = binary_predictions()
-    batch = {"image": torch.zeros(3, 3, 8, 8), "key": ["k039", "k000", "missing"]}
-    images = plots.sample_images(batch, pred, ["no", "yes"], "bce_with_logits",
-                                 (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    batch = {"image": torch.zeros(3, 3, 8, 8, dtype=torch.uint8),
+             "key": ["k039", "k000", "missing"]}
+    images = plots.sample_images(batch, pred, ["no", "yes"], "bce_with_logits")
     assert [image._caption for image in images] == \
         ["p(yes)=0.95 | true yes", "p(yes)=0.05 | true yes"]
-    assert plots._to_uint8(batch["image"][0], (0.5,) * 3, (0.25,) * 3).shape == (8, 8, 3)
+    assert images[0].image.size == (8, 8)

@@ -11,14 +11,24 @@ Training follows the remainder rule of split.py: every reader yields exactly
 its quota of full batches, so every rank yields exactly steps_per_epoch batches
 (C-12, C-13). The quota is cut after decoding, so skipped bad samples are made
 up by reading on. Randomness (shard order, shuffle buffer, augmentation) comes
-from generators seeded with (seed, epoch, rank, worker): a run repeats.
+from generators seeded with (seed, epoch, rank, worker), augmentation from one
+seeded per sample position: a run repeats.
+
+Mid-epoch resume. The batches of a rank come in one fixed order, round robin
+over its readers (`batch_order`); the loader puts them in that order whatever
+order the worker processes deliver them in. Each batch says how many encoded
+samples its reader had consumed, so `position()` is enough to continue the
+epoch: on `resume`, each reader skips that many encoded samples without
+decoding them (the shuffle replays the same way) and yields the rest of its
+quota. Skipped samples are read again from the shards, not decoded.
 
 Bad data (decode.py's policy): each reader counts what it skips in a Tally and
 sends the change with every batch under "counts"; the loader, in the main
 process, removes it from the batch, sums it (`bad_counts()`) and stops the run
 when the rank's bad share passes data.max_bad_fraction.
 
-Batch legend: B batch, S image side. {"image": float32 [B,3,S,S],
+Batch legend: B batch, S image side. {"image": uint8 [B,3,S,S] (the loader's
+`normalize` makes the model's float input of it, on the device),
 "label": int64 [B] (or float32, by label format), "key": list[str] of B}.
 """
 
@@ -56,10 +66,11 @@ from pipeline.data.split import (
     plan_resampled_epoch,
     plan_train_epoch,
     seeded_rng,
+    stable_seed,
     steps_per_epoch,
     train_summary,
 )
-from pipeline.data.transforms import build_eval_transform, build_train_transform
+from pipeline.data.transforms import build_eval_transform, build_normalize, build_train_transform
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +118,32 @@ class TrainLoader:
             shard_set.num_samples, world_size, data_cfg.batch_size
         )
         self.transform = build_train_transform(data_cfg)
+        self.normalize = build_normalize(data_cfg)
         self.options = build_read_options(data_cfg, shard_set, train=True)
         self.counts = BadCounts(data_cfg, f"rank {rank} train")
         self.epoch = 0
+        self.step = 0  # batches of this epoch handed out so far
+        self.consumed: list[int] = [0] * self.num_readers  # encoded samples, per reader
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose shard order, shuffle and augmentation come next."""
-        self.epoch = epoch
+        self.epoch, self.step = epoch, 0
+        self.consumed = [0] * self.num_readers
+
+    def position(self) -> dict[str, Any]:
+        """Where this rank is in the epoch: enough for `resume` to continue it exactly."""
+        return {"epoch": self.epoch, "step": self.step, "consumed": list(self.consumed),
+                "world_size": self.world_size, "readers": self.num_readers}
+
+    def resume(self, position: dict[str, Any]) -> None:
+        """Continue the epoch of `position` (from `position()`) at its next batch."""
+        if (position["world_size"], position["readers"]) != (self.world_size, self.num_readers):
+            raise ValueError(
+                f"position of {position['world_size']} ranks x {position['readers']} readers "
+                f"cannot continue on {self.world_size} x {self.num_readers}"
+            )
+        self.epoch, self.step = position["epoch"], position["step"]
+        self.consumed = list(position["consumed"])
 
     def plans(self, epoch: int) -> list[ReaderPlan]:
         """What each of this rank's readers reads in `epoch`."""
@@ -146,32 +176,58 @@ class TrainLoader:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[Batch]:
-        stream = _TrainStream(self, self.plans(self.epoch), self.epoch)
-        needed = self.steps_per_epoch * self.data_cfg.batch_size
-        self.counts.start_epoch(needed, read_once=False)
-        count = 0
+        plans = self.plans(self.epoch)
+        order = batch_order([plan.quota_batches for plan in plans])
+        done = [order[: self.step].count(reader) for reader in range(len(plans))]
+        stream = _TrainStream(self, plans, self.epoch, done, list(self.consumed))
+        self.counts.start_epoch((len(order) - self.step) * self.data_cfg.batch_size,
+                                read_once=False)
+        arrived: dict[tuple[int, int], Batch] = {}
         for batch in _data_loader(stream, self.data_cfg.num_workers):
             self.counts.add(batch.pop("counts"))
             if "image" not in batch:
                 continue  # a reader's closing counts
-            count += 1
-            if count == self.steps_per_epoch:
-                # Callers stop after the last step, so the code after it may never run
-                self.counts.log_epoch(self.data_cfg.image_size)
-            yield batch
-        if count != self.steps_per_epoch:
+            arrived[batch.pop("reader"), batch.pop("index")] = batch
+            # Hand batches out in the fixed order, whatever order the workers keep
+            while self.step < len(order) and (order[self.step], done[order[self.step]]) in arrived:
+                reader = order[self.step]
+                ready = arrived.pop((reader, done[reader]))
+                done[reader] += 1
+                self.consumed[reader] = ready.pop("consumed")
+                self.step += 1
+                if self.step == self.steps_per_epoch:
+                    # Callers stop after the last step, so the code after it may never run
+                    self.counts.log_epoch(self.data_cfg.image_size)
+                yield ready
+        if self.step != self.steps_per_epoch or arrived:
             # Unequal counts would hang DDP on the other ranks: stop loudly instead
             raise RuntimeError(
-                f"rank {self.rank} yielded {count} batches in epoch {self.epoch}, "
+                f"rank {self.rank} yielded {self.step} batches in epoch {self.epoch}, "
                 f"expected {self.steps_per_epoch}"
             )
 
 
-class _TrainStream(IterableDataset):
-    """One epoch of one rank; each DataLoader worker runs its own reader."""
+def batch_order(quotas: Sequence[int]) -> list[int]:
+    """The reader of each batch of an epoch: round robin over readers with batches left."""
+    left, order = list(quotas), []
+    while any(left):
+        for reader, count in enumerate(left):
+            if count:
+                order.append(reader)
+                left[reader] -= 1
+    return order
 
-    def __init__(self, loader: TrainLoader, plans: list[ReaderPlan], epoch: int):
-        self.plans = plans
+
+class _TrainStream(IterableDataset):
+    """One epoch of one rank; each DataLoader worker runs its own reader.
+
+    `done[r]` batches of reader r were handed out already and `consumed[r]`
+    encoded samples went into them: a resumed epoch skips both.
+    """
+
+    def __init__(self, loader: TrainLoader, plans: list[ReaderPlan], epoch: int,
+                 done: list[int], consumed: list[int]):
+        self.plans, self.done, self.consumed = plans, done, consumed
         self.seed_parts = (loader.seed, epoch, loader.rank)
         self.batch_size = loader.data_cfg.batch_size
         self.shuffle_buffer = loader.data_cfg.shuffle_buffer
@@ -184,13 +240,17 @@ class _TrainStream(IterableDataset):
         plan = self.plans[worker]
         parts = (*self.seed_parts, worker)
         buffer_size = min(self.shuffle_buffer, plan.num_samples)
-        reader = _Reader(self.options)
+        reader = _Reader(self.options, reader=worker, first_batch=self.done[worker])
         source = reader.resampled if self.resampled else reader.passes
-        encoded = source(plan.slices, buffer_size, seeded_rng(*parts, "shuffle"))
+        encoded = reader.count(source(plan.slices, buffer_size, seeded_rng(*parts, "shuffle")))
+        reader.skip(encoded, self.consumed[worker])
         # Cut after decoding, so skipped samples are made up by reading on
-        decoded = itertools.islice(reader.decode(encoded), plan.quota_batches * self.batch_size)
-        augment_rng = seeded_rng(*parts, "augment")
-        tensors = ((s, self.transform(s.image, augment_rng)) for s in decoded)
+        left = (plan.quota_batches - self.done[worker]) * self.batch_size
+        decoded = itertools.islice(reader.decode(encoded), left)
+        # One generator per sample position, so skipping samples keeps the rest's draws
+        augment = stable_seed(*parts, "augment")
+        tensors = ((s, self.transform(s.image, random.Random(augment + reader.consumed)))
+                   for s in decoded)
         return reader.batches(tensors, self.batch_size, keep_partial=False)
 
 
@@ -210,6 +270,7 @@ class EvalLoader:
         self.image_size = data_cfg.image_size
         self.batch_size = batch_size or data_cfg.batch_size
         self.transform = build_eval_transform(data_cfg)
+        self.normalize = build_normalize(data_cfg)
         self.options = build_read_options(data_cfg, shard_set, train=False)
         self.counts = BadCounts(data_cfg, f"rank {rank} eval")
         self.plans = plan_eval(
@@ -239,6 +300,9 @@ class EvalLoader:
         for batch in _data_loader(_EvalStream(self), self.num_workers):
             self.counts.add(batch.pop("counts"))
             if "image" in batch:
+                # Eval order does not matter: every sample is scored once, by key
+                for name in ("reader", "index", "consumed"):
+                    del batch[name]
                 yield batch
         self.counts.log_epoch(self.image_size)
 
@@ -261,10 +325,23 @@ class _EvalStream(IterableDataset):
 class _Reader:
     """The stages of one reader (one worker), with its Tally and bad-data policy."""
 
-    def __init__(self, options: ReadOptions):
+    def __init__(self, options: ReadOptions, reader: int = 0, first_batch: int = 0):
         self.options = options
         self.tally = Tally()
         self.policy = BadDataPolicy(options.on_bad_sample, self.tally)
+        self.reader, self.next_batch = reader, first_batch
+        self.consumed = 0  # encoded samples taken from the (shuffled) stream
+        self.skipped = 0  # of those, skipped undecoded by a resume
+
+    def count(self, encoded: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in encoded:
+            self.consumed += 1
+            yield sample
+
+    def skip(self, counted: Iterator[dict[str, Any]], samples: int) -> None:
+        """Pass over the first `samples` encoded samples without decoding them."""
+        for _ in itertools.islice(counted, samples):
+            self.skipped += 1
 
     def read(self, piece: ShardSlice) -> Iterator[dict[str, Any]]:
         """Encoded samples of one shard slice; a shard that fails goes to the policy."""
@@ -311,11 +388,11 @@ class _Reader:
         while True:
             order = list(slices)
             rng.shuffle(order)
-            good_before = self.tally.good
+            used_before = self.tally.good + self.skipped
             encoded = itertools.chain.from_iterable(self.read(p) for p in order)
             yield from _shuffle(encoded, buffer_size, rng)
-            # Each pass drains its buffer, so its samples are decoded by now
-            if self.tally.good == good_before:
+            # Each pass drains its buffer, so its samples are decoded (or skipped) by now
+            if self.tally.good + self.skipped == used_before:
                 self._no_progress([piece.url for piece in order], "a whole pass")
 
     def resampled(
@@ -360,7 +437,11 @@ class _Reader:
                 "label": collate_labels([s.label for s, _ in chunk], self.options.label_format),
                 "key": [s.key for s, _ in chunk],
                 "counts": self.tally.take(),
+                "reader": self.reader,
+                "index": self.next_batch,
+                "consumed": self.consumed,
             }
+            self.next_batch += 1
         if self.tally.pending():
             yield {"counts": self.tally.take()}
 

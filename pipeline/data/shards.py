@@ -28,15 +28,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import braceexpand
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.config import ConfigError
 from pipeline.data.decode import wanted_member
+from pipeline.data.tar import tar_samples_of
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "pipeline-shards/1"
 # What reading a shard can raise: I/O, truncated or corrupt tar, HTTP, and
-# group_by_keys' ValueError for a member name repeated within one sample
+# a ValueError for a member name repeated within one sample
 SHARD_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError, http.client.HTTPException)
 HTTP_SCHEMES = ("http", "https")
 FSSPEC_SCHEMES = ("s3", "gs", "gcs")
@@ -219,14 +219,13 @@ def tar_samples(
     url: str, cache_dir: Path | None = None, timeout_s: float = FETCH_TIMEOUT_S,
     sha256: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The encoded samples of a shard, grouped by key (webdataset's tar stages).
+    """The encoded samples of a shard, grouped by key as webdataset groups them.
 
     Only the members the loader decodes are read; the rest (`.pickle`, ...)
     are skipped unread. Raises one of SHARD_ERRORS when the shard is bad.
     """
     with open_shard(url, cache_dir, timeout_s, sha256) as stream:
-        source = [{"url": url, "stream": stream}]
-        yield from group_by_keys(tar_file_expander(source, select_files=wanted_member))
+        yield from tar_samples_of(stream, url, wanted_member)
 
 
 def error_text(error: BaseException) -> str:
