@@ -12,10 +12,15 @@ import re
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from slurm_cluster import SlurmCluster, missing_binaries, slurm_cluster
 from wandb_records import read_run
+
+from pipeline.signals import REQUEUE_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm.sbatch"
@@ -29,7 +34,9 @@ ALLOCATION = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-p
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 STEP_LINE = re.compile(r"epoch \d+/\d+ step \d+/\d+ \|")
 
-pytestmark = [pytest.mark.slow]
+
+def test_script_requeues_on_the_trainers_exit_code():
+    assert f"REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE} " in SBATCH.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +98,7 @@ sys.exit(75 if stop else 1)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     ("scancel", "state", "restarts", "says"),
@@ -120,26 +128,33 @@ def test_script_requeues_on_the_warning_but_not_on_a_cancel(
     assert "stand-in rank 1 of 2 ready" in text and "stand-in rank 0 of 2 ready" in text
 
 
-@pytest.mark.timeout(600)
-def test_demo_job_trains_to_completion(cluster, faces_shards, tmp_path):
-    job_id, output = submit(cluster, faces_shards, tmp_path)
+@pytest.fixture(scope="module")
+def demo_job(cluster, faces_shards, tmp_path_factory):
+    """The demo trained to its end by one uninterrupted job."""
+    out = tmp_path_factory.mktemp("demo-job")
+    job_id, output = submit(cluster, faces_shards, out)
     info = cluster.wait_for_job(job_id, ENDED, timeout_s=480)
-    text = read(output)
+    return SimpleNamespace(job_id=job_id, info=info, text=read(output), run_dir=out / "slurm")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_job_trains_to_completion(cluster, demo_job):
+    text, info = demo_job.text, demo_job.info
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "0"
 
-    check_preflight(text, job_id, cluster.node, restarts=0)
+    check_preflight(text, demo_job.job_id, cluster.node, restarts=0)
     assert "world size 2" in text  # both tasks joined one group, not two of one
     assert "parameters identical on all 2 ranks" in text
-    assert f"step {10}/10" in text and "epoch 2/2" in text
-    assert (tmp_path / "slurm" / "eval_results.json").is_file()
+    assert "epoch 2/2 step 10/10" in text
+    assert (demo_job.run_dir / "eval_results.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_warning_signal_checkpoints_requeues_and_resumes(cluster, faces_shards, tmp_path):
-    train = pytest.importorskip("pipeline.train")
-    if not hasattr(train, "REQUEUE_EXIT_CODE"):
-        pytest.skip("the trainer does not checkpoint and exit on SIGUSR1 yet")
+def test_warning_signal_checkpoints_requeues_and_resumes(cluster, faces_shards, demo_job,
+                                                         tmp_path):
     job_id, output = submit(cluster, faces_shards, tmp_path)
     wait_for_line(output, STEP_LINE, timeout_s=300)
 
@@ -158,6 +173,14 @@ def test_warning_signal_checkpoints_requeues_and_resumes(cluster, faces_shards, 
     resumed = re.search(r"resumed from .*step (\d+)", second)
     assert resumed and 0 < int(resumed.group(1)) < STEPS, second[-4000:]
     check_one_wandb_run(tmp_path / "slurm", int(resumed.group(1)))
+
+    # Continued, not restarted: the same weights as the uninterrupted job's
+    torch.testing.assert_close(final_weights(tmp_path / "slurm"),
+                               final_weights(demo_job.run_dir), rtol=0, atol=1e-6)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"))
 
 
 def check_one_wandb_run(run_dir: Path, resumed_step: int) -> None:
