@@ -192,3 +192,19 @@ def check_one_wandb_run(run_dir: Path, resumed_step: int) -> None:
     steps = [row["_step"] for run in runs for row in run.rows if "train/loss" in row]
     assert steps == sorted(set(steps)), steps  # no step logged twice
     assert steps[-1] == STEPS and resumed_step + 1 in steps, steps
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.xfail(strict=True, reason="Slurm's SIGTERM reaches every process of the step: "
+                   "DataLoader workers and wandb's service die, the trainer crashes unsaved")
+def test_cancel_mid_run_leaves_a_checkpoint(cluster, faces_shards, tmp_path):
+    job_id, output = submit(cluster, faces_shards, tmp_path)
+    wait_for_line(output, STEP_LINE, timeout_s=300)
+
+    cluster.run("scancel", job_id)  # SIGTERM to everything in the job, as on preemption
+    info = cluster.wait_for_job(job_id, ENDED, timeout_s=120)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0")
+    text = read(output)
+    assert "stopped by SIGTERM" in text, text[-4000:]
+    assert list((tmp_path / "slurm" / "checkpoints").glob("step-*")), text[-4000:]
