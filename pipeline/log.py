@@ -175,15 +175,21 @@ class MetricsLogger:
             log.warning("wandb stopped logging (%s); metrics.jsonl goes on", err)
             self.wandb_run = None
 
-    def close(self) -> None:
+    def close(self, stopped: bool = False) -> None:
+        """`stopped`: the run was stopped by a signal to be requeued (not failed)."""
         if self._stream is not None:
             self._stream.close()
             self._stream = None
         if self.wandb_run is not None:
-            # Called from the trainer's `finally`: an exception in flight marks the run failed
-            failed = sys.exc_info()[0] not in (None, SystemExit)
-            self.wandb_run.finish(exit_code=1 if failed else 0)
-            self.wandb_run = None
+            # Called from the trainer's `finally`: an exception in flight marks the run
+            # failed, unless it is the stop before a requeue
+            failed = sys.exc_info()[0] not in (None, SystemExit) and not stopped
+            run, self.wandb_run = self.wandb_run, None
+            try:
+                run.finish(exit_code=1 if failed else 0)
+            except Exception as err:  # e.g. its service died of the job's SIGTERM
+                log.warning("wandb did not finish cleanly (%s); metrics.jsonl has every "
+                            "value; an offline run can still be synced", err)
 
 
 def resolve_wandb_mode(mode: str) -> str:

@@ -158,7 +158,7 @@ def train(config: Config) -> dict[str, dict[str, Any]]:
         check_replicas_identical(trainer)
     finally:
         trainer.stop.uninstall()
-        trainer.metrics.close()
+        trainer.metrics.close(stopped=trainer.stop.signal_name is not None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

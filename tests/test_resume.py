@@ -220,12 +220,12 @@ def test_rng_state_holds_only_tensors_and_plain_values(tmp_path):
 # checkpoint every 3 steps so that a stop lands mid-epoch.
 RUN_OVERRIDES = ["model.arch=resnet18", "data.image_size=32", "train.epochs=2",
                  "train.checkpoint_every_steps=3", "train.keep_checkpoints=20",
-                 "run.log_every_steps=1", "wandb.mode=disabled"]
+                 "train.ema_decay=0.9", "run.log_every_steps=1", "wandb.mode=disabled"]
 
 
-def launch(faces: Path, out: Path, name: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", "2", "-m", "pipeline.train", str(DEMO),
+def launch(faces: Path, out: Path, name: str, procs: int = 2) -> subprocess.Popen:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    args = [sys.executable, *(launcher if procs > 1 else []), "-m", "pipeline.train", str(DEMO),
             f"data.train={faces / 'train'}", f"data.eval.val={faces / 'val'}",
             f"run.output_dir={out}", f"run.name={name}", *RUN_OVERRIDES]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -270,11 +270,19 @@ def run_log(out: Path, name: str) -> str:
     return "\n".join(p.read_text() for p in sorted(out.glob(f"{name}-*.log")))
 
 
+def final_ema(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / "step-00000020" / "training.pt"
+    ema = torch.load(path, weights_only=True)["stateful"]["ema"]
+    return {"updates": torch.tensor(ema["updates"]), **ema["weights"]}
+
+
 def assert_same_run(out: Path, name: str, reference: dict, reference_losses: dict) -> None:
     weights = final_weights(out / name)
     assert weights.keys() == reference.keys()
     for key, value in weights.items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-6, msg=key)
+    torch.testing.assert_close(final_ema(out / name), final_ema(out / "whole"), rtol=0,
+                               atol=1e-6)
     # The losses after the resume are those of the same batches: same data order
     mine = losses(out / name)
     for step in range(12, 21):
@@ -333,3 +341,25 @@ def test_resume_from_another_runs_checkpoint_is_checked(tmp_path):
     nowhere = load_config(DEMO, [f"run.output_dir={tmp_path}", f"train.resume_from={tmp_path}"])
     with pytest.raises(ConfigError, match="train.resume_from=.* is not a checkpoint folder"):
         resume_source(nowhere, nowhere.run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_checkpoint_of_two_processes_resumes_on_one(faces_shards, tmp_path):
+    stopped = launch(faces_shards, tmp_path, "resized")
+    wait_for_checkpoint(tmp_path / "resized", stopped)
+    os.kill(rank_pids(stopped)[0], signal.SIGTERM)
+    assert finish(stopped) != 0
+    state = json.loads((latest_checkpoint(tmp_path / "resized") / "trainer_state.json")
+                       .read_text())
+    assert state["world_size"] == 2 and state["step_in_epoch"] > 0
+
+    assert finish(launch(faces_shards, tmp_path, "resized", procs=1)) == 0
+    log = run_log(tmp_path, "resized")
+    assert "written by 2 processes and this run has 1: the interrupted epoch 1 starts " \
+        "again from its beginning" in log, log[-3000:]
+    # One process: 20 steps an epoch; epoch 1 again from its start, then epoch 2
+    end = state["global_step"] + 2 * 20
+    assert (tmp_path / "resized" / "checkpoints" / f"step-{end:08d}").is_dir()
+    results = json.loads((tmp_path / "resized" / "eval_results.json").read_text())
+    assert results["val"]["num_samples"] == 40

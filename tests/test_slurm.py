@@ -196,8 +196,6 @@ def check_one_wandb_run(run_dir: Path, resumed_step: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="Slurm's SIGTERM reaches every process of the step: "
-                   "DataLoader workers and wandb's service die, the trainer crashes unsaved")
 def test_cancel_mid_run_leaves_a_checkpoint(cluster, faces_shards, tmp_path):
     job_id, output = submit(cluster, faces_shards, tmp_path)
     wait_for_line(output, STEP_LINE, timeout_s=300)

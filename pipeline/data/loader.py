@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -484,7 +485,31 @@ def _data_loader(stream: IterableDataset, num_workers: int) -> DataLoader:
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=_outlive_stop_signals if num_workers else None,
     )
+
+
+# How long a loader worker lives on after SIGTERM, unless shut down normally first
+WORKER_GRACE_S = 60
+
+
+def _outlive_stop_signals(worker_id: int) -> None:
+    """Let a worker survive the job's stop signal while its trainer saves.
+
+    Slurm signals every process of a job step, the loader's workers too. A worker
+    killed by SIGTERM fails its trainer at once (PyTorch raises from its SIGCHLD
+    handler, wherever the trainer is), before the step boundary where the ranks
+    agree to stop and save. So a worker ignores SIGUSR1 and, on SIGTERM, only
+    arms an alarm that ends it WORKER_GRACE_S later: the trainer shuts it down
+    normally before then, and a stuck one still goes.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_later)
+
+
+def _end_later(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the default action ends the process
+    signal.alarm(WORKER_GRACE_S)
 
 
 def _worker_index(num_plans: int) -> int:
