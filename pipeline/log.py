@@ -110,7 +110,8 @@ class DataWaitWatch:
         self.wait_s = self.total_s = 0.0
         self.steps = 0
 
-    def add(self, wait_s: float, total_s: float, steps: int, num_workers: int) -> str | None:
+    def add(self, wait_s: float, total_s: float, steps: int, num_workers: int,
+            draft_decode: bool = True) -> str | None:
         """Pool one window; return a warning text when the pooled share is too high."""
         self.wait_s += wait_s
         self.total_s += total_s
@@ -124,18 +125,20 @@ class DataWaitWatch:
         if pct < self.threshold_pct or now < self.quiet_until:
             return None
         self.quiet_until = now + self.every_s
-        return bottleneck_message(pct, wait, total, pooled, num_workers, self.threshold_pct)
+        return bottleneck_message(pct, wait, total, pooled, num_workers, self.threshold_pct,
+                                  draft_decode)
 
 
 def bottleneck_message(pct: float, wait_s: float, total_s: float, steps: int,
-                       num_workers: int, threshold_pct: float = DATA_WAIT_WARN_PCT) -> str:
+                       num_workers: int, threshold_pct: float = DATA_WAIT_WARN_PCT,
+                       draft_decode: bool = True) -> str:
+    draft = "" if draft_decode else "; reduced-size JPEG decoding (data.draft_decode=true)"
     return (
         f"the data loader is the bottleneck: training waited for data {pct:.0f}% of the time "
         f"over the last {steps} steps ({wait_s:.1f} of {total_s:.1f} s; warning above "
         f"{threshold_pct:.0f}%). Remedies: more loader workers (data.num_workers, now "
         f"{num_workers}); smaller stored images (resize them near data.image_size before "
-        "sharding); reduced-size JPEG decoding (data.draft_decode=true). On a CPU run the "
-        "workers share the cores with training"
+        f"sharding){draft}. On a CPU run the workers share the cores with training"
     )
 
 
@@ -192,6 +195,10 @@ class MetricsLogger:
                             "value; an offline run can still be synced", err)
 
 
+# The values wandb itself accepts in WANDB_MODE
+WANDB_ENV_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+
+
 def resolve_wandb_mode(mode: str) -> str:
     """Decide online/offline/disabled before init, so wandb never prompts for a login."""
     if mode != "auto":
@@ -212,6 +219,7 @@ def start_wandb(config: Any, run_dir: Path, run_id: str | None = None,
     Online start-up is bounded by wandb.init_timeout_s; on failure the run starts
     offline with the same id, with one warning.
     """
+    _drop_invalid_env_mode(config.wandb.mode)
     mode = resolve_wandb_mode(config.wandb.mode)
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
         log.warning("wandb.mode=online but WANDB_API_KEY is unset; logging offline instead")
@@ -232,6 +240,17 @@ def start_wandb(config: Any, run_dir: Path, run_id: str | None = None,
     except Exception as err:  # a local failure (disk, permissions) must not stop training
         log.warning("wandb could not start offline either (%s); metrics.jsonl only", err)
         return None
+
+
+def _drop_invalid_env_mode(config_mode: str) -> None:
+    # wandb validates WANDB_MODE itself and refuses to start on a bad value, even
+    # when init is given a mode: a typo in the environment must not cost the run
+    value = os.environ.get("WANDB_MODE")
+    if value is None or value.strip().lower() in WANDB_ENV_MODES:
+        return
+    log.warning("WANDB_MODE=%r is not a wandb mode (one of %s); ignoring it, wandb.mode=%s "
+                "decides", value, ", ".join(WANDB_ENV_MODES), config_mode)
+    del os.environ["WANDB_MODE"]
 
 
 def _init_wandb(config: Any, run_dir: Path, run_id: str | None, mode: str,

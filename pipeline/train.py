@@ -110,6 +110,7 @@ class Trainer:
     # state_dict() / load_state_dict() of tensors and plain values
     stateful: dict[str, Any] = field(default_factory=dict)
     stop: StopRequest = field(default_factory=StopRequest)
+    last_lr: float = 0.0  # the LR the latest optimizer step used
 
 
 class Stopped(Exception):
@@ -481,7 +482,7 @@ def build_metrics_logger(config, accelerator, run_dir, state) -> MetricsLogger:
         # Kept in trainer_state.json, so a resumed job continues the same wandb run
         state["wandb_run_id"] = state.get("wandb_run_id") or uuid.uuid4().hex[:8]
         info = run_info(config)
-        log.info("code %s; data %s", info["code"], json.dumps(info["data"]))
+        log.info("code %s; data %s", json.dumps(info["code"]), json.dumps(info["data"]))
         run = start_wandb(config, run_dir, state["wandb_run_id"], info)
         metrics = MetricsLogger(run_dir / "metrics.jsonl", run)
     # wandb's start is bounded by wandb.init_timeout_s: the other ranks wait for it
@@ -510,7 +511,7 @@ def train_epoch(trainer: Trainer, epoch: int) -> bool:
     """
     cfg, acc = trainer.config, trainer.accelerator
     loader = trainer.train_loader
-    if trainer.state["step_in_epoch"] == 0:
+    if not (loader.epoch == epoch and 0 < loader.step < loader.steps_per_epoch):
         loader.set_epoch(epoch)  # else resume_if_possible put the loader mid-epoch
     every = cfg.train.checkpoint_every_steps
     trainer.model.train()
@@ -567,6 +568,7 @@ def train_step(trainer: Trainer, batch: dict[str, Any], micro_step: int) -> Step
              f"(epoch {trainer.state['epoch'] + 1}, micro-batch {micro_step})")
     if not trainer.nonfinite.should_skip(trainer.accelerator, trainer.model, where):
         optimizer_step(trainer)
+    trainer.last_lr = trainer.optimizer.param_groups[0]["lr"]  # the step's, for the log
     # A skipped step still advances the schedule: it stays aligned with the epochs
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -648,7 +650,7 @@ def log_progress(trainer: Trainer, window: Window, epoch: int, step: int) -> Non
     if trainer.accelerator.is_main_process:
         warning = trainer.metrics.data_wait.add(
             shared["data_wait"] * window.elapsed_s, window.elapsed_s, window.steps,
-            trainer.config.data.num_workers)
+            trainer.config.data.num_workers, trainer.config.data.draft_decode)
         if warning:
             log.warning("%s", warning)
 
@@ -683,7 +685,7 @@ def progress_values(trainer: Trainer, window: Window, epoch: int, step: int,
     to_eval = steps_left(epoch, step, steps, eval_epoch) * step_s
     return {
         "epoch": epoch, "epochs": cfg.train.epochs, "step": step, "steps": steps,
-        "loss": shared["loss"], "lr": trainer.scheduler.get_last_lr()[0],
+        "loss": shared["loss"], "lr": trainer.last_lr,
         "images_per_s": window.samples * acc.num_processes / window.elapsed_s,
         "step_s": step_s, "data_wait_pct": 100 * shared["data_wait"],
         "memory_gib": memory_gib(),
@@ -714,8 +716,7 @@ def report_eval(trainer: Trainer, results: dict[str, dict[str, Any]],
     if not results:
         return
     log.info("evaluation after epoch %d:\n%s", trainer.state["epoch"], summary_table(results))
-    flat = {f"eval/{name}/{k}": v for name, m in results.items()
-            for k, v in m.items() if isinstance(v, (int, float))}
+    flat = {f"eval/{name}/{k}": v for name, m in results.items() for k, v in scalars(m)}
     trainer.metrics.log(flat, step=trainer.state["global_step"])
     write_results(results, trainer.run_dir / "eval_results")
     log_eval_charts(trainer, results, preds)
@@ -777,6 +778,18 @@ def score_sets(config: Config, preds: dict[str, Predictions], lost: dict[str, in
                                         config.eval.threshold, threshold)
         results[name]["bad_samples"] = lost[name]
     return results
+
+
+def scalars(metrics: dict[str, Any]) -> list[tuple[str, float]]:
+    """A set's numbers, per-class ones as `<metric>/<class>` (e.g. per_class_accuracy/face)."""
+    found = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            found += [(f"{key}/{name}", v) for name, v in value.items()
+                      if isinstance(v, (int, float))]
+        elif isinstance(value, (int, float)):
+            found.append((key, value))
+    return found
 
 
 def log_eval_charts(trainer: Trainer, results: dict[str, dict[str, Any]],

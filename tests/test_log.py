@@ -202,10 +202,13 @@ class Clock:
 def test_data_wait_warning_names_numbers_and_remedies():
     watch = plog.DataWaitWatch(threshold_pct=20, min_steps=20, every_s=600, clock=Clock())
     assert watch.add(wait_s=5, total_s=10, steps=10, num_workers=2) is None  # too few steps
-    message = watch.add(wait_s=5, total_s=10, steps=10, num_workers=2)
+    message = watch.add(wait_s=5, total_s=10, steps=10, num_workers=2, draft_decode=False)
     assert "50% of the time over the last 20 steps (10.0 of 20.0 s" in message
     for remedy in ("data.num_workers, now 2", "smaller stored images", "data.draft_decode"):
         assert remedy in message
+    # A remedy already in place is not offered
+    again = plog.bottleneck_message(50, 10, 20, 20, num_workers=2, draft_decode=True)
+    assert "draft_decode" not in again
 
 
 def test_data_wait_warning_is_rate_limited_and_quiet_below_threshold():

@@ -202,3 +202,12 @@ def check_run_folder(run_dir: Path) -> None:
     assert names == ["latest", "step-00000040", "step-00000050"]
     weights = load_file(str(run_dir / "checkpoints" / "step-00000050" / "model.safetensors"))
     assert weights["fc.weight"].shape == torch.Size([1, 2048])
+
+
+def test_eval_scalars_spread_per_class_values():
+    from pipeline.train import scalars
+
+    metrics = {"accuracy": 0.9, "per_class_accuracy": {"cat": 1.0, "dog": 0.8, "owl": None},
+               "confusion": [[1, 0], [0, 1]], "num_samples": 40}
+    assert scalars(metrics) == [("accuracy", 0.9), ("per_class_accuracy/cat", 1.0),
+                                ("per_class_accuracy/dog", 0.8), ("num_samples", 40)]

@@ -132,6 +132,9 @@ def test_offline_run_holds_keys_values_and_steps(offline_run):
     for chart in CHARTS:
         assert last[f"{chart}/_type"] == "table-file", chart
     assert last["eval/val/samples/count"] == 16
+    # Per-class accuracy is logged per class, beside the set's other numbers
+    per_class = last["eval/val/per_class_accuracy/face"]
+    assert 0 <= per_class <= 1 and "eval/val/per_class_accuracy/non_face" in last
     assert all(re.fullmatch(r"p\(face\)=\d\.\d\d \| true (face|non_face)", c)
                for c in last["eval/val/samples/captions"])
 
@@ -345,6 +348,28 @@ def test_online_start_against_a_silent_server_is_bounded(tmp_path):
     assert done.stderr.count("could not start online within 3 s") == 1
     seconds = float(re.search(r"started in ([\d.]+) s", done.stdout).group(1))
     assert seconds < 3 + 30  # the timeout, then an offline start (slow on a busy machine)
+    assert len(offline_runs(tmp_path / "run")) == 1
+
+
+BAD_ENV_MODE = """
+import sys
+from pathlib import Path
+from pipeline.config import load_config
+from pipeline.log import setup_logging, start_wandb
+setup_logging()
+run = start_wandb(load_config(None, ["wandb.mode=offline"]), Path(sys.argv[1]), "badenv01")
+print("mode", run.settings.mode, flush=True)
+run.finish()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_wandb_mode_in_the_environment_does_not_cost_the_run(tmp_path):
+    env = sandbox_env(tmp_path, WANDB_MODE="bogus")
+    done = run([sys.executable, "-c", BAD_ENV_MODE, str(tmp_path / "run")], env, timeout_s=100)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WANDB_MODE='bogus' is not a wandb mode" in done.stderr
+    assert "mode offline" in done.stdout
     assert len(offline_runs(tmp_path / "run")) == 1
 
 

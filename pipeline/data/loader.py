@@ -134,7 +134,8 @@ class TrainLoader:
     def position(self) -> dict[str, Any]:
         """Where this rank is in the epoch: enough for `resume` to continue it exactly."""
         return {"epoch": self.epoch, "step": self.step, "consumed": list(self.consumed),
-                "world_size": self.world_size, "readers": self.num_readers}
+                "world_size": self.world_size, "readers": self.num_readers,
+                "counts": dict(self.counts.total)}
 
     def resume(self, position: dict[str, Any]) -> None:
         """Continue the epoch of `position` (from `position()`) at its next batch."""
@@ -145,6 +146,8 @@ class TrainLoader:
             )
         self.epoch, self.step = position["epoch"], position["step"]
         self.consumed = list(position["consumed"])
+        # The job's running bad-data counts go on from where they were
+        self.counts.total.update(position.get("counts", {}))
 
     def plans(self, epoch: int) -> list[ReaderPlan]:
         """What each of this rank's readers reads in `epoch`."""
