@@ -221,7 +221,7 @@ def test_rng_state_holds_only_tensors_and_plain_values(tmp_path):
 # resnet18 at 32 px, 2 ranks x batch 8: 10 steps per epoch, 20 in all, a
 # checkpoint every 3 steps so that a stop lands mid-epoch.
 RUN_OVERRIDES = ["model.arch=resnet18", "data.image_size=32", "train.epochs=2",
-                 "train.checkpoint_every_steps=3", "train.keep_checkpoints=20",
+                 "train.checkpoint_every_steps=3",
                  "train.ema_decay=0.9", "run.log_every_steps=1", "wandb.mode=disabled"]
 
 
