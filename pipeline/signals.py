@@ -71,3 +71,14 @@ def _cpu_group() -> Any:
     if dist.get_backend() == "gloo":
         return dist.group.WORLD
     return dist.new_group(backend="gloo")
+
+
+def ignore_stop_signals() -> None:
+    """After the stop's checkpoint: further stop signals change nothing until the exit.
+
+    Ignored at the OS level, not by a Python handler: Python puts its handlers back
+    to the default (which ends the process) while it shuts down, and a signal then
+    would replace exit code 75 with death by that signal.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
+from safetensors import SafetensorError
 from torch import nn
 
 from pipeline.accumulation import (
@@ -76,7 +78,7 @@ from pipeline.nonfinite import NonFiniteGuard, NonFiniteLossError
 from pipeline.plots import SAMPLE_IMAGES, eval_media, sample_images
 from pipeline.runtime import compile_model, images_to, sync_batchnorm, to_channels_last
 from pipeline.schedule import Monitor, apply_verdict, build_monitor, build_scheduler
-from pipeline.signals import REQUEUE_EXIT_CODE, StopRequest
+from pipeline.signals import REQUEUE_EXIT_CODE, StopRequest, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,11 @@ class Trainer:
     last_lr: float = 0.0  # the LR the latest optimizer step used
 
 
+# What loading a damaged or foreign checkpoint raises (safetensors, torch.load, json)
+CHECKPOINT_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError,
+                     pickle.UnpicklingError, SafetensorError)
+
+
 class Stopped(Exception):
     """A stop signal ended the run after a checkpoint; the job should be requeued."""
 
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", err)
         return 2
     except Stopped:
+        ignore_stop_signals()
         return REQUEUE_EXIT_CODE
     except NonFiniteLossError as err:
         # Every rank stops at the same step (the decision is shared), with one message
@@ -158,8 +166,12 @@ def train(config: Config) -> dict[str, dict[str, Any]]:
         results = run_epochs(trainer)
         check_replicas_identical(trainer)
     finally:
-        trainer.stop.uninstall()
-        trainer.metrics.close(stopped=trainer.stop.signal_name is not None)
+        stopped = trainer.stop.signal_name is not None
+        trainer.metrics.close(stopped=stopped)
+        if not stopped:
+            # A stopped run keeps its handlers to the end: a second signal while wandb
+            # finishes must not end the process by the signal instead of exit code 75
+            trainer.stop.uninstall()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
@@ -418,25 +430,67 @@ def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def resume_if_possible(trainer: Trainer) -> dict[str, Any]:
-    """Continue from the run folder's latest checkpoint, mid-epoch where it was saved."""
+    """Continue from the run folder's latest checkpoint, mid-epoch where it was saved.
+
+    A checkpoint that does not load (damaged, or holding more than tensors and
+    plain values) is passed over for the one before it, on every rank alike.
+    """
     fresh = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "wandb_run_id": None}
-    checkpoint = resume_source(trainer.config, trainer.run_dir)
-    if checkpoint is None:
+    first = resume_source(trainer.config, trainer.run_dir)
+    if first is None:
         return fresh
     acc = trainer.accelerator
-    load_training(checkpoint, Checkpoint(
-        model=acc.unwrap_model(trainer.model), optimizer=trainer.optimizer,
-        scheduler=trainer.scheduler, scaler=acc.scaler, stateful=trainer.stateful,
-        state={}, rank_state={}))
-    state = fresh | read_state(checkpoint)
+    for checkpoint in [first, *older_checkpoints(first, trainer.run_dir)]:
+        loaded = load_attempt(trainer, checkpoint)
+        ok = torch.tensor([float(loaded is not None)], device=acc.device)
+        if acc.reduce(ok, "sum").item() == acc.num_processes:
+            break
+    else:
+        raise ConfigError(
+            f"no checkpoint of {first.parent} could be loaded (see the warnings above); "
+            "remove the damaged ones, or the run folder to start again"
+        )
+    state, position = loaded
+    state = fresh | state
     if checkpoint.parent.parent != trainer.run_dir:
         state["wandb_run_id"] = None  # another run's checkpoint: this is a new wandb run
-    position = load_rank_state(checkpoint, acc.process_index)
     if state["step_in_epoch"] and not continue_epoch(trainer, state, position):
         restart_epoch(trainer, state)
     log.info("resumed from %s: %s", checkpoint,
              describe_position(state, trainer.train_loader.steps_per_epoch))
     return state
+
+
+def load_attempt(trainer: Trainer, checkpoint: Path) -> tuple[dict, dict | None] | None:
+    """(trainer state, this rank's data position), or None (warned) if it does not load."""
+    acc = trainer.accelerator
+    try:
+        load_training(checkpoint, Checkpoint(
+            model=acc.unwrap_model(trainer.model), optimizer=trainer.optimizer,
+            scheduler=trainer.scheduler, scaler=acc.scaler, stateful=trainer.stateful,
+            state={}, rank_state={}))
+        # The schedule's LR from its position, even if the run's length changed
+        seek_scheduler(trainer.scheduler, trainer.scheduler.last_epoch)
+        return read_state(checkpoint), load_rank_state(checkpoint, acc.process_index)
+    except CHECKPOINT_ERRORS as err:
+        log.warning("checkpoint %s cannot be loaded: %s", checkpoint, checkpoint_error(err))
+        return None
+
+
+def older_checkpoints(first: Path, run_dir: Path) -> list[Path]:
+    """The run folder's complete checkpoints older than `first`, newest first."""
+    if first.parent != run_dir / "checkpoints":
+        return []  # train.resume_from: only that one
+    done = [p for p in first.parent.glob("step-*") if not p.name.endswith(".partial")]
+    return sorted((p for p in done if p.name < first.name), reverse=True)
+
+
+def checkpoint_error(err: BaseException) -> str:
+    if isinstance(err, pickle.UnpicklingError):
+        # torch's own text suggests weights_only=False, which would run the file's code
+        return ("a file holds objects other than tensors and plain values; refused "
+                "unread (only checkpoints from a trusted source should ever be unpickled)")
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def continue_epoch(trainer: Trainer, state: dict[str, Any], position: dict | None) -> bool:

@@ -365,3 +365,67 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(faces_shards, tmp_path):
     assert (tmp_path / "resized" / "checkpoints" / f"step-{end:08d}").is_dir()
     results = json.loads((tmp_path / "resized" / "eval_results.json").read_text())
     assert results["val"]["num_samples"] == 40
+
+
+class PositionSink:
+    """Stands in for the train loader: records the position it is asked to continue."""
+
+    steps_per_epoch = 10
+
+    def __init__(self):
+        self.resumed = None
+
+    def resume(self, position):
+        self.resumed = position
+
+
+def fake_trainer(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    parts = tiny_checkpoint(step=0, seed=7)
+    config = load_config(DEMO, [f"run.output_dir={tmp_path}", "run.name=r"])
+    return SimpleNamespace(config=config, accelerator=Accelerator(cpu=True),
+                           run_dir=config.run_dir.resolve(), model=parts.model,
+                           optimizer=parts.optimizer, scheduler=parts.scheduler,
+                           stateful=parts.stateful, train_loader=PositionSink())
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    from accelerate import Accelerator
+
+    from pipeline.config import ConfigError
+    from pipeline.train import resume_if_possible
+
+    trainer = fake_trainer(tmp_path)
+    for step in (5, 9):
+        ckpt = tiny_checkpoint(step=step, seed=step)
+        ckpt.state["world_size"] = 1
+        save_checkpoint(Accelerator(cpu=True), trainer.run_dir, ckpt, "")
+    folder = trainer.run_dir / "checkpoints"
+    (folder / "step-00000009" / "model.safetensors").write_bytes(b"cut short")
+
+    state = resume_if_possible(trainer)
+    assert state["global_step"] == 5 and trainer.stateful["holder"].value.item() == 5.0
+    assert trainer.train_loader.resumed == {"epoch": 2, "step": 3, "consumed": [24, 30]}
+    assert "step-00000009 cannot be loaded: SafetensorError" in caplog.text
+
+    marker = tmp_path / "code-ran"
+    (folder / "step-00000005" / "training.pt").write_bytes(
+        pickle.dumps({"optimizer": Payload(str(marker))}))
+    with pytest.raises(ConfigError, match="no checkpoint of .* could be loaded"):
+        resume_if_possible(fake_trainer(tmp_path))
+    assert "refused unread" in caplog.text and not marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_signals_during_the_stop_still_exit_75(faces_shards, tmp_path):
+    proc = launch(faces_shards, tmp_path, "repeat", procs=1)
+    wait_for_checkpoint(tmp_path / "repeat", proc)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        os.kill(proc.pid, signal.SIGUSR1)  # again and again, through the save and the exit
+        time.sleep(0.05)
+    assert finish(proc, 60) == REQUEUE_EXIT_CODE, run_log(tmp_path, "repeat")[-3000:]
