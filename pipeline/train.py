@@ -183,6 +183,9 @@ def run_epochs(trainer: Trainer) -> dict[str, dict[str, Any]]:
     if state.get("eval_pending"):
         results = evaluate_sets(trainer)  # a stop signal came between an epoch and its eval
         state["eval_pending"] = False
+    if state["epoch"] >= config.train.epochs:
+        log.info("this run already trained its %d epochs; nothing to do (raise train.epochs "
+                 "to train on, or choose a new run.name)", state["epoch"])
     for epoch in range(state["epoch"] + 1, config.train.epochs + 1):
         # Checked here, so a resumed run that had stopped does not train on
         if trainer.monitor.stop_reason:
