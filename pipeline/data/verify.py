@@ -107,23 +107,45 @@ def verify_shard_set(shard_set: ShardSet, deep: bool = False) -> list[str]:
 def verify_shard(shard: Shard, entry: dict[str, Any], check: SetCheck, progress: tqdm) -> None:
     """Read one shard to its end, checking its samples, count, size and checksum."""
     name = shard.url.rsplit("/", 1)[-1]
-    count = 0
     try:
         with open_shard(shard.url) as stream:
             reader = _HashingReader(stream)
-            # The loader's own tar reader: verify accepts what training reads
-            for sample in tar_samples_of(reader, shard.url, wanted_member):
-                count += 1
-                progress.update(1)
-                _check_sample(sample, name, check)
-            reader.drain()
+            count = _check_samples(reader, shard, name, check, progress)
+            reader.drain()  # a broken tar is still sized and hashed: both tell what changed
     except SHARD_ERRORS as error:
-        check.problems.append(f"{name}: unreadable after {count} samples: {error_text(error)}")
+        check.problems.append(f"{name}: cannot be read: {error_text(error)}")
         return
-    if count != shard.num_samples:
+    if count is not None and count != shard.num_samples:
         check.problems.append(f"{name}: holds {count} samples, the manifest lists "
                               f"{shard.num_samples}")
     check.problems += _file_problems(name, entry, reader)
+
+
+def _check_samples(reader: _HashingReader, shard: Shard, name: str, check: SetCheck,
+                   progress: tqdm) -> int | None:
+    """The shard's sample count, or None (with the problem noted) if its tar breaks."""
+    count, skipped = 0, Counter()
+
+    def wanted(member: str) -> bool:
+        keep = wanted_member(member)
+        if not keep:
+            skipped[member.rsplit("/", 1)[-1].partition(".")[2] or member] += 1
+        return keep
+
+    try:
+        # The loader's own tar reader and member filter: verify accepts what training reads
+        for sample in tar_samples_of(reader, shard.url, wanted):
+            count += 1
+            progress.update(1)
+            _check_sample(sample, name, check)
+    except SHARD_ERRORS as error:
+        check.problems.append(f"{name}: unreadable after {count} samples: {error_text(error)}")
+        return None
+    finally:
+        if skipped:
+            log.warning("%s: members the loader never reads (skipped unread, never "
+                        "unpickled): %s", name, dict(skipped))
+    return count
 
 
 def _file_problems(name: str, entry: dict[str, Any], reader: _HashingReader) -> list[str]:
