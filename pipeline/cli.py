@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError
+from pipeline.data.decode import BadDataError
 from pipeline.log import setup_logging
 
 log = logging.getLogger("pipeline")
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         log.error("%s", err)
         return 2
+    except BadDataError as err:  # the message names the shard, the key and the limit
+        log.error("%s", err)
+        return 1
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import Config, ConfigError, TrainConfig, load_config, save_config
+from pipeline.data.decode import BadDataError
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.data.shards import ShardSet, resolve_shards
 from pipeline.data.transforms import build_normalize
@@ -137,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped:
         ignore_stop_signals()
         return REQUEUE_EXIT_CODE
+    except BadDataError as err:
+        # Only the rank that read the bad data knows; its message names shard and key
+        log.error("%s", err)
+        return 1
     except NonFiniteLossError as err:
         # Every rank stops at the same step (the decision is shared), with one message
         if int(os.environ.get("RANK", "0")) == 0:

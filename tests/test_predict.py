@@ -323,3 +323,23 @@ def test_missing_checkpoint_and_foreign_weights(tmp_path, images, shards):
 def test_cli_turns_config_errors_into_exit_code_2(tmp_path, images):
     argv = ["predict", "--run-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "x.csv")]
     assert cli_main([*argv, str(images)]) == 2
+
+
+def test_eval_on_bad_data_ends_with_one_message_and_exit_1(tmp_path, shards, caplog):
+    from loader_support import truncate
+
+    from pipeline.cli import main as cli_main
+
+    run, _ = make_run(tmp_path, shards, 1, "bce_with_logits")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in shards.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    first = sorted(broken.glob("*.tar"))[0]
+    truncate(first, len(first.read_bytes()) // 2)
+    code = cli_main(["eval", "--run-dir", str(run), "--set", f"cut={broken}",
+                     "data.on_bad_sample=strict"])
+    assert code == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and first.name in errors[0].getMessage()
+    assert "Traceback" not in caplog.text
