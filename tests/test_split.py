@@ -147,6 +147,13 @@ def test_quotas_even_and_sum_to_steps(steps, counts):
     assert all(q == 0 for q, c in zip(quotas, counts) if c == 0)
 
 
+def test_the_extra_batch_goes_to_the_reader_with_more_samples():
+    # 3 batches of 8 over readers of 12 and 14 samples: the 14 takes 2 (tops up 2),
+    # not the 12 (which would top up 4 while the other dropped 6)
+    assert batch_quotas(3, [12, 14]) == [1, 2]
+    assert batch_quotas(5, [4, 9, 9, 1]) == [1, 2, 1, 1]  # ties: the first reader
+
+
 @pytest.mark.parametrize("world_size,num_readers", [(2, 2), (3, 4), (8, 2)])
 def test_every_rank_gets_the_same_steps(world_size, num_readers):
     shards = make_shards([7, 50, 13, 30])

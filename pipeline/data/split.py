@@ -18,7 +18,8 @@ what makes webdataset's "No samples found" impossible here.
 
 Remainder rule. Every rank runs steps_per_epoch = total // (world_size *
 batch_size) steps, each of full batches; the steps of a rank are split as evenly
-as possible over its workers that hold samples (the batch quota). A reader that
+as possible over its workers that hold samples, extra batches to those holding
+the most (the batch quota). A reader that
 holds more samples than quota * batch_size stops there and drops the rest;
 shard order and sample order are reshuffled every epoch, so a different
 remainder is dropped each time. A reader that holds fewer tops up by reading its
@@ -157,13 +158,18 @@ def steps_per_epoch(total_samples: int, world_size: int, batch_size: int) -> int
 
 
 def batch_quotas(steps: int, samples_per_reader: Sequence[int]) -> list[int]:
-    """Split steps as evenly as possible over the readers that hold samples."""
+    """Split steps as evenly as possible over the readers that hold samples.
+
+    The extra batches of an uneven split go to the readers holding the most
+    samples, so that the fewest samples are topped up or dropped.
+    """
     live = [index for index, count in enumerate(samples_per_reader) if count > 0]
     if not live:
         raise ValueError("no reader holds any sample")
     quotas = [0] * len(samples_per_reader)
     base, extra = divmod(steps, len(live))
-    for position, index in enumerate(live):
+    richest = sorted(live, key=lambda index: (-samples_per_reader[index], index))
+    for position, index in enumerate(richest):
         quotas[index] = base + (1 if position < extra else 0)
     return quotas
 
