@@ -37,7 +37,12 @@ from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.decode import DECODE_ERRORS, IMAGE_EXTENSIONS, PIL_FORMATS
 from pipeline.data.loader import build_eval_loader
 from pipeline.data.shards import MANIFEST_NAME, ShardSet, read_manifest, resolve_shards
-from pipeline.data.transforms import EvalTransform, build_eval_transform, build_normalize
+from pipeline.data.transforms import (
+    EvalTransform,
+    Normalize,
+    build_eval_transform,
+    build_normalize,
+)
 from pipeline.losses import BINARY_LOSSES, positive_probability, probabilities
 from pipeline.model import build_model
 
@@ -79,6 +84,7 @@ class Predictor:
     class_names: list[str]  # two names for a 1-logit head
     batch_size: int
     num_workers: int
+    normalize: Normalize  # uint8 batch -> the model's float input, on its device
 
     @property
     def columns(self) -> list[str]:
@@ -236,6 +242,7 @@ def build_predictor(
         class_names=read_class_names(config),
         batch_size=batch_size or config.eval.batch_size or config.data.batch_size,
         num_workers=config.data.num_workers if num_workers is None else num_workers,
+        normalize=build_normalize(config.data),
     )
 
 
@@ -325,8 +332,8 @@ def _train_class_names(spec: str | None) -> list[str]:
 @torch.inference_mode()
 def score(predictor: Predictor, images_BCHW: torch.Tensor) -> torch.Tensor:
     """Probabilities `[B, K]` on the CPU."""
-    normalize = build_normalize(predictor.config.data)
-    logits_BK = predictor.model(normalize(images_BCHW.to(predictor.device, non_blocking=True)))
+    pixels = images_BCHW.to(predictor.device, non_blocking=True)
+    logits_BK = predictor.model(predictor.normalize(pixels))
     return probabilities(logits_BK, predictor.config.loss.name).cpu()
 
 

@@ -48,7 +48,6 @@ from pipeline.config import Config, ConfigError, TrainConfig, load_config, save_
 from pipeline.data.decode import BadDataError
 from pipeline.data.loader import build_eval_loader, build_train_loader
 from pipeline.data.shards import ShardSet, resolve_shards
-from pipeline.data.transforms import build_normalize
 from pipeline.distributed import check_joined, check_launch
 from pipeline.ema import EMA
 from pipeline.evaluate import (
@@ -230,14 +229,19 @@ def describe_position(state: dict[str, Any], steps_per_epoch: int) -> str:
     return f"{done} (global step {state['global_step']})"
 
 
+def trainer_checkpoint(trainer: Trainer, state: dict[str, Any],
+                       rank_state: dict[str, Any]) -> Checkpoint:
+    """The trainer's live objects, as a checkpoint saves or restores them."""
+    acc = trainer.accelerator
+    return Checkpoint(model=acc.unwrap_model(trainer.model), optimizer=trainer.optimizer,
+                      scheduler=trainer.scheduler, scaler=acc.scaler,
+                      stateful=trainer.stateful, state=state, rank_state=rank_state)
+
+
 def save(trainer: Trainer, best: bool = False) -> Path:
     acc = trainer.accelerator
-    ckpt = Checkpoint(
-        model=acc.unwrap_model(trainer.model), optimizer=trainer.optimizer,
-        scheduler=trainer.scheduler, scaler=acc.scaler, stateful=trainer.stateful,
-        state=dict(trainer.state, world_size=acc.num_processes),
-        rank_state=trainer.train_loader.position(),
-    )
+    ckpt = trainer_checkpoint(trainer, dict(trainer.state, world_size=acc.num_processes),
+                              trainer.train_loader.position())
     config_text = (trainer.run_dir / "config.yaml").read_text()
     return save_checkpoint(acc, trainer.run_dir, ckpt, config_text,
                            trainer.config.train.keep_checkpoints, best=best)
@@ -360,11 +364,12 @@ def prepare_run_dir(config: Config, accelerator: Accelerator) -> Path:
 def preflight(config: Config, shards: ShardSet, model: nn.Module, loss_fn: HeadLoss) -> None:
     """Run one small batch through model and loss, so a mismatch shows now, not in an hour."""
     probe = config.data.model_copy(update={"num_workers": 0, "batch_size": 2})
-    batch = next(iter(build_eval_loader(probe, shards, rank=0, world_size=1)))
+    loader = build_eval_loader(probe, shards, rank=0, world_size=1)
+    batch = next(iter(loader))
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(build_normalize(config.data)(batch["image"]))
+            logits = model(loader.normalize(batch["image"]))
             loss_fn.to("cpu")(logits, batch["label"])
     except (ValueError, RuntimeError) as err:
         raise ConfigError(
@@ -473,10 +478,7 @@ def load_attempt(trainer: Trainer, checkpoint: Path) -> tuple[dict, dict | None]
     """(trainer state, this rank's data position), or None (warned) if it does not load."""
     acc = trainer.accelerator
     try:
-        load_training(checkpoint, Checkpoint(
-            model=acc.unwrap_model(trainer.model), optimizer=trainer.optimizer,
-            scheduler=trainer.scheduler, scaler=acc.scaler, stateful=trainer.stateful,
-            state={}, rank_state={}))
+        load_training(checkpoint, trainer_checkpoint(trainer, {}, {}))
         # The schedule's LR from its position, even if the run's length changed
         seek_scheduler(trainer.scheduler, trainer.scheduler.last_epoch)
         return read_state(checkpoint), load_rank_state(checkpoint, acc.process_index)
